@@ -1,0 +1,1 @@
+"""Export ODConv models to the formats people ship: ONNX, CoreML, ORT, ExecuTorch."""

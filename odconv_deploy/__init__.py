@@ -1,0 +1,69 @@
+"""odconv-deploy: take ODConv networks from training to phones and edge CPUs.
+
+Main entry points:
+
+- :class:`ODConv2d`: checkpoint-compatible train-time layer.
+- :func:`create_model`, :func:`list_models`: the OD-ResNet / OD-MobileNetV2 zoo and twins.
+- :func:`load_checkpoint`: load users' checkpoints with readable mismatch errors.
+- :func:`reparameterize_model`, :func:`convert_model`: exact conversion to the deploy form.
+"""
+
+from odconv_deploy.checkpoint import load_checkpoint
+from odconv_deploy.complexity import Complexity, measure_complexity
+from odconv_deploy.detect import ODConvSpec, inspect_odconv, looks_like_odconv
+from odconv_deploy.errors import (
+    CheckpointError,
+    ConversionError,
+    InputShapeError,
+    MissingBackendError,
+    ODConvDeployError,
+    UnknownModelError,
+    UnsupportedLayerError,
+)
+from odconv_deploy.io_spec import IOSpec, TensorSpec, image_classifier_spec
+from odconv_deploy.layers import (
+    DEFAULT_STRATEGY,
+    DEPLOY_STRATEGIES,
+    DynamicWeightODConv2d,
+    Im2colODConv2d,
+    ODConv2d,
+    ODConv2dDeploy,
+    StaticWeightODConv2d,
+)
+from odconv_deploy.models import create_model, list_models, model_entry
+from odconv_deploy.reparameterize import ConversionResult, convert_model, reparameterize_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "DEPLOY_STRATEGIES",
+    "CheckpointError",
+    "Complexity",
+    "ConversionError",
+    "ConversionResult",
+    "DynamicWeightODConv2d",
+    "IOSpec",
+    "Im2colODConv2d",
+    "InputShapeError",
+    "MissingBackendError",
+    "ODConv2d",
+    "ODConv2dDeploy",
+    "ODConvDeployError",
+    "ODConvSpec",
+    "StaticWeightODConv2d",
+    "TensorSpec",
+    "UnknownModelError",
+    "UnsupportedLayerError",
+    "__version__",
+    "convert_model",
+    "create_model",
+    "image_classifier_spec",
+    "inspect_odconv",
+    "list_models",
+    "load_checkpoint",
+    "looks_like_odconv",
+    "measure_complexity",
+    "model_entry",
+    "reparameterize_model",
+]

@@ -1,0 +1,67 @@
+"""Write files and directories whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from odconv_deploy.errors import ODConvDeployError
+
+
+class OutputPathError(ODConvDeployError, OSError):
+    """An output path that exists (and may not be overwritten) or cannot be written."""
+
+
+def check_writable(path: Path, *, overwrite: bool) -> None:
+    """Refuse an existing ``path`` unless ``overwrite``; make sure its folder can be written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputPathError(
+            f"{path} already exists. Note: pass overwrite=True (CLI: --overwrite) to replace "
+            "it, or choose another output path."
+        )
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"Cannot create the folder {parent}: {exc.strerror}.") from exc
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"The folder {parent} is not writable. Note: choose another --out.")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
+                  directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; rename it into place on success.
+
+    On any exception the temporary file or folder is removed and ``path`` is untouched, so a
+    failed or interrupted write never leaves something that looks complete.
+
+    Args:
+        path: Final location.
+        overwrite: Replace an existing ``path``; otherwise raise :class:`OutputPathError`.
+        directory: The output is a folder (e.g. an ``.mlpackage``), not a file.
+    """
+    path = Path(path)
+    check_writable(path, overwrite=overwrite)
+    suffix = "".join(path.suffixes)
+    tmp_parent = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = Path(tmp_parent) / f"out{suffix}"
+    try:
+        if directory:
+            tmp.mkdir()
+        yield tmp
+        if not tmp.exists():
+            raise OutputPathError(f"Nothing was written for {path}.")
+        if path.exists():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)

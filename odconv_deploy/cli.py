@@ -1,0 +1,111 @@
+"""Command-line interface: ``odconv-deploy {models,convert,run}``. A thin layer over the API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from odconv_deploy.errors import ODConvDeployError
+from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from odconv_deploy.complexity import measure_complexity
+    from odconv_deploy.models import create_model, list_models, model_entry
+
+    print(f"{'model':<22}{'kernel_num':>11}{'params':>12}{'MACs@224':>12}  static twin")
+    for name in list_models():
+        entry = model_entry(name)
+        kwargs = {"kernel_num": args.kernel_num} if entry.is_odconv else {}
+        c = measure_complexity(create_model(name, **kwargs))
+        k = str(args.kernel_num) if entry.is_odconv else "-"
+        print(f"{name:<22}{k:>11}{c.params / 1e6:>11.2f}M{c.macs / 1e9:>11.3f}G  "
+              f"{entry.static_twin if entry.is_odconv else '-'}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    import odconv_deploy
+    from odconv_deploy._atomic import atomic_output
+    from odconv_deploy.model_source import load_zoo_model
+    from odconv_deploy.reparameterize import convert_model
+
+    loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num)
+    result = convert_model(loaded.model, strategy=args.strategy)
+    worst = max((layer.max_abs_error or 0.0) for layer in result.layers)
+    with atomic_output(args.out, overwrite=args.overwrite) as tmp:
+        torch.save({"state_dict": result.model.state_dict(), "model": args.model,
+                    "kernel_num": args.kernel_num, "strategy": args.strategy,
+                    "odconv_deploy_version": odconv_deploy.__version__}, tmp)
+    print(f"converted {len(result.layers)} ODConv layers of {args.model} ({loaded.weights}) "
+          f"to '{args.strategy}', folded {result.folded_bn_count} BatchNorms; worst float64 "
+          f"layer error {worst:.2e}; wrote {args.out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from odconv_deploy.pipeline import PipelineOptions, run_pipeline
+
+    options = PipelineOptions(
+        model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
+        strategy=args.strategy, out=args.out, overwrite=args.overwrite, quick=args.quick,
+    )
+    report = run_pipeline(options, progress=print)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (defaults are shown in ``--help``)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="odconv-deploy", formatter_class=fmt,
+        description="Deploy ODConv networks: exact conversion, export, validation, benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model zoo with params and MACs",
+                       formatter_class=fmt)
+    p.add_argument("--kernel-num", type=int, default=1, help="kernel_num of the ODConv models")
+    p.set_defaults(func=_cmd_models)
+
+    def model_args(p: argparse.ArgumentParser, default_model: str | None, default_k: int) -> None:
+        p.add_argument("--model", default=default_model, required=default_model is None,
+                       help="zoo model name (see 'odconv-deploy models')")
+        p.add_argument("--kernel-num", type=int, default=default_k, help="ODConv kernel_num")
+        p.add_argument("--checkpoint", default=None,
+                       help="checkpoint to load (default: deterministic synthetic weights)")
+        p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted(DEPLOY_STRATEGIES),
+                       help="deploy-form strategy")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    p = sub.add_parser("convert", help="convert a model to its deploy form and save it",
+                       formatter_class=fmt)
+    model_args(p, None, 4)
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",
+                       formatter_class=fmt)
+    model_args(p, "od_resnet18", 4)
+    p.add_argument("--out", default="odconv_out", help="report directory")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller inputs")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``odconv-deploy``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ODConvDeployError as exc:
+        print(f"odconv-deploy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

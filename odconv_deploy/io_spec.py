@@ -1,0 +1,78 @@
+"""A model's input/output contract, declared once and read by export, validation and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+#: ImageNet normalisation used by the reference zoo.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: shape at batch 1 and dtype; axis 0 is the batch axis."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    def with_batch(self, batch: int) -> tuple[int, ...]:
+        """The shape at batch size ``batch``."""
+        return (batch,) + tuple(self.shape[1:])
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """Inputs, outputs and (for image models) preprocessing of a model.
+
+    Attributes:
+        inputs: Input tensors in call order.
+        outputs: Output tensors in return order.
+        mean: Per-channel mean subtracted from [0, 1] pixels (image models).
+        std: Per-channel std dividing the centred pixels (image models).
+        task: ``"classification"`` enables top-k agreement metrics.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
+    task: str = "classification"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Input names in call order."""
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Output names in return order."""
+        return [t.name for t in self.outputs]
+
+    def with_input_size(self, height: int, width: int) -> IOSpec:
+        """The same spec for images of another size (image models with one input)."""
+        (image,) = self.inputs
+        shape = tuple(image.shape[:2]) + (height, width)
+        return replace(self, inputs=(replace(image, shape=shape),))
+
+    def sample_inputs(self, batch: int = 1, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Seeded random inputs (standard normal: roughly normalised images)."""
+        gen = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(t.with_batch(batch), generator=gen, dtype=t.dtype)
+                     for t in self.inputs)
+
+
+def image_classifier_spec(num_classes: int, *, channels: int = 3, size: int = 224,
+                          mean: tuple[float, ...] | None = IMAGENET_MEAN,
+                          std: tuple[float, ...] | None = IMAGENET_STD) -> IOSpec:
+    """Spec of an image classifier: ``image [1, C, size, size]`` -> ``logits [1, classes]``."""
+    return IOSpec(
+        inputs=(TensorSpec("image", (1, channels, size, size)),),
+        outputs=(TensorSpec("logits", (1, num_classes)),),
+        mean=mean,
+        std=std,
+    )

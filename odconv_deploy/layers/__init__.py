@@ -1,0 +1,23 @@
+"""ODConv layers: the checkpoint-compatible train form and the export-friendly deploy forms."""
+
+from odconv_deploy.layers.deploy import (
+    DEFAULT_STRATEGY,
+    DEPLOY_STRATEGIES,
+    DynamicWeightODConv2d,
+    Im2colODConv2d,
+    ODConv2dDeploy,
+    StaticWeightODConv2d,
+)
+from odconv_deploy.layers.odconv import Attentions, ODAttention, ODConv2d
+
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "DEPLOY_STRATEGIES",
+    "Attentions",
+    "DynamicWeightODConv2d",
+    "Im2colODConv2d",
+    "ODAttention",
+    "ODConv2d",
+    "ODConv2dDeploy",
+    "StaticWeightODConv2d",
+]

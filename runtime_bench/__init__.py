@@ -1,0 +1,1 @@
+"""Latency harness for CPU and mobile backends."""

@@ -1,0 +1,53 @@
+"""The CLI and the README's promises."""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from odconv_deploy.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_first_lines_are_the_two_commands_and_ci_runs_the_second():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert lines[3].endswith("odconv-deploy run") and "torch==2.13.0" in lines[3]
+    assert lines[4].endswith("python -m pytest -q") and "torch==2.13.0" in lines[4]
+    assert lines[4] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_models_lists_zoo(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"od_resnet18\s+1\s+11\.94M\s+1\.827G\s+resnet18", out)
+    assert re.search(r"resnet18\s+-\s+11\.69M\s+1\.814G", out)
+
+
+def test_convert_writes_checkpoint_and_refuses_overwrite(tmp_path, capsys):
+    out = tmp_path / "deploy.pt"
+    args = ["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--out", str(out)]
+    assert main(args) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["strategy"] == "im2col" and saved["kernel_num"] == 2
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_unknown_model_exit_code(capsys):
+    assert main(["convert", "--model", "nope", "--out", "x.pt"]) == 2
+    assert "available models are" in capsys.readouterr().err
+
+
+def test_run_quick_writes_report(tmp_path):
+    out = tmp_path / "report"
+    assert main(["run", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--quick",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is True
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["convert"]["status"] == "ok"
+    assert steps["convert"]["data"]["worst_layer_error_fp64"] < 1e-10
+    assert "Verdict: **OK**" in (out / "report.md").read_text()

@@ -1,0 +1,91 @@
+"""The deploy form is an algebraic identity: float64, tight tolerance, many geometries."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from odconv_deploy import DEPLOY_STRATEGIES, ODConv2d, convert_model
+from tests.helpers import attention_spread, randomize_odconv
+
+TOL = 1e-10  # relative to max |y|; float64 rounding is ~1e-15
+
+
+def _configs():
+    """Hand-picked corner cases plus a seeded sample of the full cartesian sweep."""
+    picked = [
+        # cin, cout, k, stride, pad, dil, groups, K
+        (8, 12, 3, 1, 1, 1, 1, 4), (7, 5, 3, 2, 0, 1, 1, 2), (9, 9, 3, 1, 1, 1, 9, 4),
+        (6, 6, 5, 2, 2, 1, 6, 1), (8, 16, 1, 1, 0, 1, 1, 1), (8, 16, 1, 2, 0, 1, 2, 4),
+        (5, 11, 7, 1, 3, 1, 1, 8), (6, 9, 5, 2, 2, 2, 3, 2), (4, 8, 3, 1, 2, 2, 4, 4),
+        (3, 7, 1, 1, 0, 1, 1, 8), (16, 16, 3, 2, 1, 1, 16, 8), (10, 4, 3, 1, 0, 2, 2, 1),
+        (4, 12, 3, 1, 1, 1, 4, 2),  # groups == C_in but C_out != C_in: filter head kept
+    ]
+    rng = random.Random(2022)
+    sweep = list(itertools.product([3, 5, 8], [4, 7, 8], [1, 3, 5, 7], [1, 2], ["zero", "half"],
+                                   [1, 2], ["one", "two", "dw"], [1, 2, 4, 8]))
+    for cin, cout, k, s, pad, d, g, kn in rng.sample(sweep, 40):
+        groups = {"one": 1, "two": 2, "dw": cin}[g]
+        if g == "dw":
+            cout = cin
+        if g == "two" and (cin % 2 or cout % 2):
+            groups = 1
+        picked.append((cin, cout, k, s, 0 if pad == "zero" else k // 2 * d, d, groups, kn))
+    return picked
+
+
+CONFIGS = _configs()
+
+
+@pytest.mark.parametrize("strategy", sorted(DEPLOY_STRATEGIES))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "c{}-{}_k{}_s{}_p{}_d{}_g{}_K{}".format(*c))
+def test_layer_deploy_is_exact_float64(cfg, strategy):
+    cin, cout, k, s, p, d, g, kn = cfg
+    seed = hash(cfg) % 1000
+    layer = ODConv2d(cin, cout, k, s, p, d, g, kernel_num=kn).double()
+    block = nn.Sequential(layer, nn.BatchNorm2d(cout).double())
+    randomize_odconv(block, seed=seed, temperature=2.3)
+    block.eval()
+    deploy = convert_model(block, strategy=strategy).model
+    assert isinstance(deploy[1], nn.Identity), "the following BatchNorm must be folded"
+    gen = torch.Generator().manual_seed(seed)
+    for batch in (1, 2, 5):
+        height, width = 9 + 2 * d * k // 2 + batch, 12 + d * k
+        x = torch.randn(batch, cin, height, width, dtype=torch.float64, generator=gen)
+        with torch.no_grad():
+            expected, actual = block(x), deploy(x)
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=0, atol=TOL * expected.abs().max())
+
+
+def test_randomisation_makes_attentions_non_trivial():
+    layer = randomize_odconv(ODConv2d(8, 8, 3, padding=1, kernel_num=8).double(), seed=1)
+    layer.eval()
+    peak, spread = attention_spread(layer, torch.randn(4, 8, 9, 9, dtype=torch.float64))
+    assert peak > 0.6, "softmax over kernels should be peaky"
+    assert spread > 0.2, "sigmoids should sit far from 0.5"
+
+
+@pytest.mark.parametrize("strategy", sorted(DEPLOY_STRATEGIES))
+def test_equivalence_check_can_fail(strategy):
+    """A deliberately wrong deploy form must be caught by the same comparison."""
+    block = nn.Sequential(ODConv2d(6, 8, 3, padding=1, kernel_num=4), nn.BatchNorm2d(8))
+    block = randomize_odconv(block.double()).eval()
+    deploy = convert_model(block, strategy=strategy).model
+    with torch.no_grad():
+        deploy[0].attention_heads.bias[0] += 1e-6
+    x = torch.randn(2, 6, 10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        expected, actual = block(x), deploy(x)
+    assert (actual - expected).abs().max() > TOL * expected.abs().max()
+
+
+@pytest.mark.parametrize("strategy", sorted(DEPLOY_STRATEGIES))
+def test_float32_layer_matches(strategy):
+    layer = randomize_odconv(ODConv2d(16, 24, 3, 2, 1, kernel_num=4)).eval()
+    deploy = convert_model(layer, strategy=strategy).model
+    x = torch.randn(3, 16, 15, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), layer(x), rtol=1e-5, atol=1e-5)
