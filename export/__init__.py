@@ -1,1 +1,37 @@
-"""Export ODConv models to the formats people ship: ONNX, CoreML, ORT, ExecuTorch."""
+"""Export ODConv models to the formats people ship: ONNX, CoreML, ORT, ExecuTorch.
+
+One module per format, each a function returning an :class:`ExportResult`:
+:func:`export_onnx`, :func:`simplify_onnx`, :func:`export_coreml`, :func:`export_ort`,
+:func:`export_executorch`. :func:`export_formats` runs several and records failures.
+"""
+
+from export._common import (
+    FORMAT_NAMES,
+    ExportError,
+    ExportFormat,
+    ExportResult,
+    parse_formats,
+    prepare_model,
+)
+from export.run import export_formats
+from export.simplify import simplify_onnx
+from export.to_coreml import export_coreml
+from export.to_executorch import export_executorch
+from export.to_onnx import DEFAULT_OPSET, export_onnx
+from export.to_ort import export_ort
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMAT_NAMES",
+    "ExportError",
+    "ExportFormat",
+    "ExportResult",
+    "export_coreml",
+    "export_executorch",
+    "export_formats",
+    "export_onnx",
+    "export_ort",
+    "parse_formats",
+    "prepare_model",
+    "simplify_onnx",
+]

@@ -34,17 +34,17 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
-                  directory: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; rename it into place on success.
 
     On any exception the temporary file or folder is removed and ``path`` is untouched, so a
     failed or interrupted write never leaves something that looks complete.
 
+    The writer creates the yielded path itself, as a file or as a folder (``.mlpackage``).
+
     Args:
         path: Final location.
         overwrite: Replace an existing ``path``; otherwise raise :class:`OutputPathError`.
-        directory: The output is a folder (e.g. an ``.mlpackage``), not a file.
     """
     path = Path(path)
     check_writable(path, overwrite=overwrite)
@@ -52,8 +52,6 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
     tmp_parent = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     tmp = Path(tmp_parent) / f"out{suffix}"
     try:
-        if directory:
-            tmp.mkdir()
         yield tmp
         if not tmp.exists():
             raise OutputPathError(f"Nothing was written for {path}.")

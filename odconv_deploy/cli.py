@@ -46,6 +46,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export import export_formats, parse_formats
+    from odconv_deploy.model_source import load_zoo_model
+
+    formats = parse_formats(args.formats)
+    loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num)
+    results = export_formats(
+        loaded.model, args.out, formats, stem=args.model, strategy=args.strategy,
+        opset=args.opset, coreml_precision=args.coreml_precision,
+        dynamic_batch=not args.static_batch, overwrite=args.overwrite,
+        progress=lambda step: print(f"-> {step} ...", file=sys.stderr),
+    )
+    for result in results:
+        print(result.summary())
+        for note in result.notes:
+            print(f"          note: {note}")
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
 
@@ -87,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, None, 4)
     p.add_argument("--out", required=True, help="output .pt file")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="export a model to ONNX, CoreML, ORT and ExecuTorch",
+                       formatter_class=fmt)
+    model_args(p, None, 4)
+    p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte",
+                   help="comma-separated: onnx, onnx-sim, ort, coreml, pte")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
+                   help="CoreML compute precision")
+    p.add_argument("--static-batch", action="store_true",
+                   help="fix the batch to 1 instead of a dynamic batch axis")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",
                        formatter_class=fmt)

@@ -51,3 +51,16 @@ def test_run_quick_writes_report(tmp_path):
     assert steps["convert"]["status"] == "ok"
     assert steps["convert"]["data"]["worst_layer_error_fp64"] < 1e-10
     assert "Verdict: **OK**" in (out / "report.md").read_text()
+
+
+def test_export_cli_one_line_per_artifact(tmp_path, capsys):
+    args = ["export", "--model", "od_tinynet", "--formats", "onnx,ort", "--out", str(tmp_path)]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.split()[0] for line in lines] == ["onnx", "onnx-sim", "ort"]
+    assert (tmp_path / "od_tinynet.ort").is_file()
+    assert main(args) == 1  # existing artifacts are not overwritten
+    assert "FAILED" in capsys.readouterr().out
+    assert main(["export", "--model", "od_tinynet", "--formats", "tflite", "--out",
+                 str(tmp_path)]) == 2
+    assert "valid formats are" in capsys.readouterr().err

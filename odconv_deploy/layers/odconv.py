@@ -259,6 +259,8 @@ def repr_head(module: nn.Module) -> str:
 
 def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
     """Raise :class:`InputShapeError` unless ``x`` is a float ``[B, in_channels, H, W]`` tensor."""
+    if torch.jit.is_tracing():  # shapes are fixed by the exporter; avoid tracer warnings
+        return
     if not isinstance(x, torch.Tensor):
         raise InputShapeError(f"{layer}: expected a torch.Tensor, received {type(x).__name__}.")
     if x.dim() != 4:

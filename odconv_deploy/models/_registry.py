@@ -11,6 +11,7 @@ from torch import nn
 from odconv_deploy.errors import UnknownModelError
 from odconv_deploy.models.mobilenetv2 import build_mobilenetv2
 from odconv_deploy.models.resnet import build_resnet
+from odconv_deploy.models.tinynet import build_tinynet
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,27 @@ for _tag, _width in (("050", 0.5), ("075", 0.75), ("100", 1.0)):
               f"MobileNetV2 {_width}x with ODConv block convs")
     _register(f"mobilenetv2_{_tag}", _mobilenetv2(_width, False), False, f"mobilenetv2_{_tag}",
               f"MobileNetV2 {_width}x (static baseline)")
+
+
+def _tinynet(od: bool) -> Callable[..., nn.Module]:
+    if od:
+        def build(*, kernel_num: int = 1, reduction: float = 0.0625, num_classes: int = 10,
+                  dropout: float = 0.0, in_channels: int = 3, width: int = 16,
+                  input_size: int = 32) -> nn.Module:
+            return build_tinynet(od=True, kernel_num=kernel_num, reduction=reduction,
+                                 num_classes=num_classes, dropout=dropout,
+                                 in_channels=in_channels, width=width, input_size=input_size)
+    else:
+        def build(*, num_classes: int = 10, dropout: float = 0.0, in_channels: int = 3,
+                  width: int = 16, input_size: int = 32) -> nn.Module:
+            return build_tinynet(od=False, num_classes=num_classes, dropout=dropout,
+                                 in_channels=in_channels, width=width, input_size=input_size)
+    return build
+
+
+_register("od_tinynet", _tinynet(True), True, "tinynet",
+          "small ODConv classifier (32x32 input) for quick runs and tests")
+_register("tinynet", _tinynet(False), False, "tinynet", "small static classifier (baseline)")
 
 
 def list_models(*, odconv_only: bool = False) -> list[str]:

@@ -1,0 +1,238 @@
+"""Shared pieces of the exporters: results, formats, model preparation, tool versions."""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from odconv_deploy.errors import ODConvDeployError
+from odconv_deploy.io_spec import IOSpec, TensorSpec
+from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES, ODConv2dDeploy
+from odconv_deploy.reparameterize import convert_model, find_odconv_layers
+
+
+class ExportError(ODConvDeployError, RuntimeError):
+    """An export that could not be completed; the message names the cause."""
+
+
+class ExportFormat(str, enum.Enum):
+    """Artifact formats."""
+
+    ONNX = "onnx"
+    ONNX_SIMPLIFIED = "onnx-sim"
+    COREML = "coreml"
+    ORT = "ort"
+    EXECUTORCH = "pte"
+
+
+#: Formats the CLI accepts, by name.
+FORMAT_NAMES = ("onnx", "onnx-sim", "coreml", "ort", "pte")
+
+
+def parse_formats(text: str) -> list[ExportFormat]:
+    """Parse ``"onnx,coreml"`` into formats, with a clear error on an unknown one."""
+    formats = []
+    for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
+        if name not in FORMAT_NAMES:
+            raise ExportError(
+                f"Unknown export format {name!r}. Note: valid formats are "
+                f"{', '.join(FORMAT_NAMES)}."
+            )
+        formats.append(ExportFormat(name))
+    if not formats:
+        raise ExportError(f"No export format given. Note: choose from {', '.join(FORMAT_NAMES)}.")
+    return formats
+
+
+@dataclass
+class ExportResult:
+    """What one export produced.
+
+    Attributes:
+        format: Artifact format.
+        path: The artifact (a file, or a folder for ``.mlpackage``).
+        input_names, output_names: I/O names in the artifact.
+        ok, error: False and the reason when the step failed (no artifact was written).
+        input_shapes, output_shapes: Shapes; symbolic dims are strings (e.g. ``"batch"``).
+        file_size_bytes: Size on disk (folders summed).
+        options: The options used (opset, precision, strategy, ...).
+        tool_versions: Versions of the libraries that produced it.
+        op_counts: Operator type -> count in the artifact.
+        notes: Anything noteworthy (e.g. what was not delegated).
+        details: Format-specific figures (node counts before/after, delegation shares, ...).
+    """
+
+    format: ExportFormat
+    path: Path
+    input_names: list[str]
+    output_names: list[str]
+    input_shapes: dict[str, list[int | str]]
+    output_shapes: dict[str, list[int | str]]
+    file_size_bytes: int
+    options: dict[str, object] = field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, object] = field(default_factory=dict)
+    ok: bool = True
+    error: str | None = None
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether the first input's batch axis is symbolic."""
+        first = self.input_shapes[self.input_names[0]]
+        return bool(first) and isinstance(first[0], str)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready view."""
+        data = asdict(self)
+        data["format"] = self.format.value
+        data["path"] = str(self.path)
+        return data
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        if not self.ok:
+            return f"{self.format.value:<9} FAILED: {self.error}"
+        shapes = ", ".join(f"{n}{list(s)}" for n, s in self.input_shapes.items())
+        ops = f", {sum(self.op_counts.values())} ops" if self.op_counts else ""
+        return (f"{self.format.value:<9} {self.path}  ({self.file_size_bytes / 1e6:.1f} MB"
+                f"{ops}, inputs {shapes})")
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` plus odconv-deploy and torch."""
+    import odconv_deploy
+
+    versions = {"odconv_deploy": odconv_deploy.__version__, "torch": torch.__version__}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def path_size(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+@dataclass
+class PreparedModel:
+    """A deploy-form model ready to trace, its I/O spec and how it was obtained."""
+
+    model: nn.Module
+    io_spec: IOSpec
+    name: str
+    strategy: str | None  # None when the model has no ODConv layer
+    converted_layers: int
+
+
+def resolve_io_spec(model: nn.Module, io_spec: IOSpec | None,
+                    input_shape: tuple[int, ...] | None) -> IOSpec:
+    """The I/O spec to export with: given, else ``input_shape``, else ``model.io_spec``."""
+    if io_spec is not None:
+        return io_spec
+    if input_shape is not None:
+        if len(input_shape) < 2:
+            raise ExportError(f"input_shape={input_shape} must include the batch axis.")
+        shape = (1,) + tuple(input_shape[1:])
+        return IOSpec(inputs=(TensorSpec("input", shape),), outputs=(TensorSpec("output", ()),),
+                      mean=None, std=None, task="generic")
+    spec = getattr(model, "io_spec", None)
+    if isinstance(spec, IOSpec):
+        return spec
+    raise ExportError(
+        f"{type(model).__name__} declares no io_spec. Note: pass input_shape=(1, C, H, W) "
+        "(CLI: --input-shape) or an IOSpec."
+    )
+
+
+def prepare_model(model: nn.Module, *, strategy: str | None = None, io_spec: IOSpec | None = None,
+                  input_shape: tuple[int, ...] | None = None, name: str | None = None
+                  ) -> PreparedModel:
+    """Convert a train-form model to its deploy form (if needed) and check that it runs.
+
+    Args:
+        model: Train form or deploy form (any network with ODConv layers, or none).
+        strategy: Deploy strategy for train-form layers (default: ``im2col``).
+        io_spec: The model's I/O contract (default: ``model.io_spec`` or ``input_shape``).
+        input_shape: Input shape for models without an ``io_spec``.
+        name: Name stamped into the artifacts (default: the zoo name or the class name).
+
+    Raises:
+        ExportError: The model does not run on its declared input.
+    """
+    spec = resolve_io_spec(model, io_spec, input_shape)
+    name = name or getattr(model, "zoo_name", None) or type(model).__name__
+    converted = 0
+    if find_odconv_layers(model):
+        result = convert_model(model, strategy=strategy or DEFAULT_STRATEGY)
+        model, converted = result.model, len(result.layers)
+        strategy = result.strategy
+    else:
+        strategies = {m.strategy for m in model.modules() if isinstance(m, ODConv2dDeploy)}
+        if strategy is not None and strategies and strategies != {strategy}:
+            raise ExportError(
+                f"The model is already in deploy form with strategy {sorted(strategies)}, not "
+                f"{strategy!r}. Note: pass the train-form model to choose the strategy."
+            )
+        strategy = next(iter(strategies)) if strategies else None
+    if strategy is not None and strategy not in DEPLOY_STRATEGIES:
+        raise ExportError(f"Unknown deploy strategy {strategy!r}.")
+    model = model.eval()
+    inputs = spec.sample_inputs(batch=1)
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs)
+    except Exception as exc:
+        raise ExportError(
+            f"{name} fails to run on its declared input "
+            f"{[tuple(t.shape) for t in inputs]}: {type(exc).__name__}: {exc}"
+        ) from exc
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    if len(outputs) != len(spec.outputs):
+        spec = IOSpec(inputs=spec.inputs,
+                      outputs=tuple(TensorSpec(f"output{i}", tuple(o.shape))
+                                    for i, o in enumerate(outputs)),
+                      mean=spec.mean, std=spec.std, task=spec.task)
+    else:
+        spec = IOSpec(inputs=spec.inputs,
+                      outputs=tuple(TensorSpec(t.name, tuple(o.shape))
+                                    for t, o in zip(spec.outputs, outputs, strict=True)),
+                      mean=spec.mean, std=spec.std, task=spec.task)
+    return PreparedModel(model, spec, name, strategy, converted)
+
+
+def dynamic_batch_supported(prepared: PreparedModel) -> bool:
+    """False when a deploy layer bakes the batch into exported graphs."""
+    return not any(isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch
+                   for m in prepared.model.modules())
+
+
+def root_cause(exc: BaseException, limit: int = 400) -> str:
+    """``Type: first line`` of the innermost cause of ``exc`` (ANSI colours removed)."""
+    import re
+
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else "no detail"
+    return f"{type(exc).__name__}: {first[:limit]}"
+
+
+def fspath(path: str | os.PathLike) -> Path:
+    """``path`` as a Path."""
+    return Path(os.fspath(path))

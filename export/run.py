@@ -1,0 +1,97 @@
+"""Export one model to several formats; a failing format is recorded, the rest still run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from export._common import ExportError, ExportFormat, ExportResult, fspath, root_cause
+from export.simplify import simplify_onnx
+from export.to_coreml import export_coreml
+from export.to_executorch import export_executorch
+from export.to_onnx import DEFAULT_OPSET, export_onnx
+from export.to_ort import export_ort
+from odconv_deploy.errors import ODConvDeployError
+from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.reparameterize import convert_model, find_odconv_layers
+
+
+def _failure(fmt: ExportFormat, path: os.PathLike, exc: BaseException) -> ExportResult:
+    message = str(exc) if isinstance(exc, ODConvDeployError) else root_cause(exc)
+    return ExportResult(format=fmt, path=fspath(path), input_names=[], output_names=[],
+                        input_shapes={}, output_shapes={}, file_size_bytes=0, ok=False,
+                        error=message)
+
+
+def export_formats(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    formats: Sequence[ExportFormat],
+    *,
+    stem: str | None = None,
+    strategy: str | None = None,
+    io_spec: IOSpec | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    opset: int = DEFAULT_OPSET,
+    coreml_precision: str = "fp16",
+    dynamic_batch: bool = True,
+    overwrite: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[ExportResult]:
+    """Export ``model`` to every format in ``formats`` under ``out_dir``.
+
+    ``ort`` is made from the simplified ONNX model (``onnx`` and ``onnx-sim`` are produced for
+    it if not requested). A format that fails yields a result with ``ok=False`` and the
+    reason; the others still run.
+    """
+    out = fspath(out_dir)
+    name = stem or getattr(model, "zoo_name", None) or type(model).__name__
+    if find_odconv_layers(model):  # convert once, verified, for every format
+        model = convert_model(model, strategy=strategy or "im2col").model
+    common = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite)
+    wanted = list(dict.fromkeys(formats))
+    results: list[ExportResult] = []
+    onnx_result = sim_result = None
+    if {ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT} & set(wanted):
+        progress("export onnx")
+        try:
+            onnx_result = export_onnx(model, out / f"{name}.onnx", opset=opset,
+                                      dynamic_batch=dynamic_batch, **common)
+        except (ODConvDeployError, OSError) as exc:
+            onnx_result = _failure(ExportFormat.ONNX, out / f"{name}.onnx", exc)
+        results.append(onnx_result)
+    if {ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT} & set(wanted):
+        progress("simplify onnx")
+        if onnx_result.ok:
+            sim_result = simplify_onnx(onnx_result, out / f"{name}.sim.onnx", overwrite=overwrite)
+        else:
+            sim_result = _failure(ExportFormat.ONNX_SIMPLIFIED, out / f"{name}.sim.onnx",
+                                  ExportError("the ONNX export it starts from failed"))
+        results.append(sim_result)
+    if ExportFormat.ORT in wanted:
+        progress("convert to ORT format")
+        source = sim_result if sim_result.ok else onnx_result
+        try:
+            if not source.ok:
+                raise ExportError("no ONNX model to convert (the ONNX export failed)")
+            results.append(export_ort(source, out / f"{name}.ort", overwrite=overwrite))
+        except (ODConvDeployError, OSError) as exc:
+            results.append(_failure(ExportFormat.ORT, out / f"{name}.ort", exc))
+    if ExportFormat.COREML in wanted:
+        progress("convert to CoreML")
+        try:
+            results.append(export_coreml(model, out / f"{name}.mlpackage",
+                                         precision=coreml_precision,
+                                         flexible_batch=dynamic_batch, **common))
+        except (ODConvDeployError, OSError) as exc:
+            results.append(_failure(ExportFormat.COREML, out / f"{name}.mlpackage", exc))
+    if ExportFormat.EXECUTORCH in wanted:
+        progress("lower to ExecuTorch (XNNPACK)")
+        try:
+            results.append(export_executorch(model, out / f"{name}.pte",
+                                             dynamic_batch=dynamic_batch, **common))
+        except (ODConvDeployError, OSError) as exc:
+            results.append(_failure(ExportFormat.EXECUTORCH, out / f"{name}.pte", exc))
+    return results

@@ -1,0 +1,176 @@
+"""CoreML export (coremltools, mlprogram): flexible batch, fp16/fp32, metadata, rank check."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from export._common import (
+    ExportError,
+    ExportFormat,
+    ExportResult,
+    dynamic_batch_supported,
+    fspath,
+    path_size,
+    prepare_model,
+    root_cause,
+    tool_versions,
+)
+from odconv_deploy._atomic import atomic_output
+from odconv_deploy.errors import require_backend
+from odconv_deploy.io_spec import IOSpec
+
+PRECISIONS = ("fp16", "fp32")
+DEPLOYMENT_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18")
+#: CoreML rejects tensors above this rank.
+MAX_COREML_RANK = 5
+
+
+def iter_mil_ops(program: object) -> Iterator[object]:
+    """Every operation of a MIL program, nested blocks included."""
+
+    def walk(block: object) -> Iterator[object]:
+        for op in block.operations:
+            yield op
+            for inner in getattr(op, "blocks", []) or []:
+                yield from walk(inner)
+
+    for function in program.functions.values():
+        yield from walk(function)
+
+
+def check_mil_program(program: object) -> dict[str, object]:
+    """Facts about a converted MIL program that deployment depends on.
+
+    Returns:
+        ``max_rank`` (largest tensor rank), ``conv_groups`` (groups of each conv) and
+        ``batch_dependent_convs`` (convs whose channel dims are symbolic, i.e. whose group
+        count would have to follow the batch size, as in the reference layer).
+    """
+    max_rank, groups, suspicious = 0, [], []
+    for op in iter_mil_ops(program):
+        for var in op.outputs:
+            if var.shape is not None:
+                max_rank = max(max_rank, len(var.shape))
+        if op.op_type == "conv":
+            g = op.inputs["groups"].val if "groups" in op.inputs else 1
+            groups.append(int(g))
+            channels = op.inputs["x"].shape[1]
+            if not isinstance(channels, int):
+                suspicious.append(op.name)
+    return {"max_rank": max_rank, "conv_groups": groups, "batch_dependent_convs": suspicious}
+
+
+def export_coreml(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    precision: str = "fp16",
+    minimum_deployment_target: str = "iOS15",
+    flexible_batch: bool = True,
+    max_batch: int = 64,
+    strategy: str | None = None,
+    io_spec: IOSpec | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Convert a model (train form converted automatically) to a CoreML ``.mlpackage``.
+
+    Converts on Linux too; the program is checked to contain no tensor of rank > 5 and no
+    conv whose channel count (hence group count) depends on the batch.
+
+    Args:
+        model: Zoo model, user network with ODConv layers, or a deploy-form model.
+        path: Output ``.mlpackage`` folder.
+        precision: ``"fp16"`` (default; what the Neural Engine runs) or ``"fp32"``.
+        minimum_deployment_target: ``"iOS15"`` .. ``"iOS18"``.
+        flexible_batch: Batch as a RangeDim ``1..max_batch`` (needs a batch-agnostic strategy).
+        max_batch: Upper bound of the flexible batch.
+        strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
+        io_spec: I/O names and shapes (default: ``model.io_spec``).
+        input_shape: Input shape for models without an ``io_spec``.
+        name: Model name stamped into the metadata.
+        overwrite: Replace an existing package.
+
+    Raises:
+        ExportError: Bad option, conversion failure, or a program that breaks CoreML's limits.
+    """
+    ct = require_backend("coremltools", extra="coreml", purpose="CoreML export")
+    if precision not in PRECISIONS:
+        raise ExportError(f"Unknown precision {precision!r}; expected one of {PRECISIONS}.")
+    if minimum_deployment_target not in DEPLOYMENT_TARGETS:
+        raise ExportError(f"Unknown deployment target {minimum_deployment_target!r}; expected "
+                          f"one of {DEPLOYMENT_TARGETS}.")
+    prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
+                             name=name)
+    if flexible_batch and not dynamic_batch_supported(prepared):
+        raise ExportError(
+            f"Strategy {prepared.strategy!r} bakes the batch into the graph; a flexible batch "
+            "is impossible. Note: pass flexible_batch=False or use 'im2col'/'static_weight'."
+        )
+    spec = prepared.io_spec
+    inputs = spec.sample_inputs(batch=1)
+    batch_dim = ct.RangeDim(1, max_batch, default=1) if flexible_batch else 1
+    ct_inputs = [ct.TensorType(name=t.name, shape=ct.Shape((batch_dim,) + tuple(t.shape[1:])))
+                 for t in spec.inputs]
+    ct_outputs = [ct.TensorType(name=t.name) for t in spec.outputs]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(prepared.model, inputs)
+            mlmodel = ct.convert(
+                traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
+                minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
+                compute_precision=(ct.precision.FLOAT16 if precision == "fp16"
+                                   else ct.precision.FLOAT32),
+            )
+    except Exception as exc:
+        raise ExportError(f"CoreML conversion of {prepared.name} failed: {root_cause(exc)}"
+                          ) from exc
+    facts = check_mil_program(mlmodel._mil_program)
+    if facts["max_rank"] > MAX_COREML_RANK or facts["batch_dependent_convs"]:
+        raise ExportError(
+            f"CoreML program of {prepared.name} breaks CoreML's limits: max tensor rank "
+            f"{facts['max_rank']} (limit {MAX_COREML_RANK}), batch-dependent convs "
+            f"{facts['batch_dependent_convs'][:5]}."
+        )
+    versions = tool_versions("coremltools")
+    mlmodel.author = "odconv-deploy"
+    mlmodel.short_description = (f"{prepared.name}, ODConv deploy strategy "
+                                 f"{prepared.strategy or 'none'}, {precision}")
+    mlmodel.version = versions["odconv_deploy"]
+    for t in spec.inputs:
+        mlmodel.input_description[t.name] = (
+            f"{t.name} [batch, {', '.join(map(str, t.shape[1:]))}] float32"
+            + (f", normalised with mean {spec.mean} and std {spec.std}" if spec.mean else ""))
+    for t in spec.outputs:
+        mlmodel.output_description[t.name] = f"{t.name} {list(t.shape[1:])} per sample"
+    mlmodel.user_defined_metadata.update(
+        {"model": prepared.name, "strategy": prepared.strategy or "none",
+         "precision": precision, **{f"version.{k}": v for k, v in versions.items()}})
+    path = fspath(path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        mlmodel.save(str(tmp))
+    ops = Counter(op.op_type for op in iter_mil_ops(mlmodel._mil_program))
+    shape = ["batch" if flexible_batch else 1]
+    return ExportResult(
+        format=ExportFormat.COREML, path=path,
+        input_names=spec.input_names, output_names=spec.output_names,
+        input_shapes={t.name: shape + list(t.shape[1:]) for t in spec.inputs},
+        output_shapes={t.name: shape + list(t.shape[1:]) for t in spec.outputs},
+        file_size_bytes=path_size(path),
+        options={"precision": precision, "minimum_deployment_target": minimum_deployment_target,
+                 "flexible_batch": flexible_batch, "max_batch": max_batch,
+                 "strategy": prepared.strategy, "model": prepared.name},
+        tool_versions=versions, op_counts=dict(ops),
+        details={"max_rank": facts["max_rank"], "convs": len(facts["conv_groups"]),
+                 "converted_layers": prepared.converted_layers},
+        notes=["CoreML predictions need macOS; on Linux use the MIL reference executor "
+               "(odconv_deploy validation) to check the numbers."],
+    )

@@ -1,0 +1,170 @@
+"""ExecuTorch ``.pte`` lowered with the XNNPACK partitioner, with a delegation report."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
+
+from export._common import (
+    ExportError,
+    ExportFormat,
+    ExportResult,
+    dynamic_batch_supported,
+    fspath,
+    path_size,
+    prepare_model,
+    root_cause,
+    tool_versions,
+)
+from odconv_deploy._atomic import atomic_output
+from odconv_deploy.errors import require_backend
+from odconv_deploy.io_spec import IOSpec
+
+#: aten ops whose MACs count as "conv/matmul MACs" (training IR and edge dialect names).
+_CONV_OPS = ("aten.convolution", "aten.conv2d")
+_MATMUL_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.linear", "aten.matmul")
+
+
+def _aten_name(node: torch.fx.Node) -> str | None:
+    """``aten.<op>`` of a call_function node (plain or edge-dialect overload), else None."""
+    import re
+
+    found = re.search(r"aten\.[A-Za-z0-9_]+", str(node.target))
+    return found.group(0) if found else None
+
+
+def node_macs(node: torch.fx.Node) -> int:
+    """Multiply-accumulates of a conv or matmul node, from its fake-tensor metadata."""
+    name = _aten_name(node)
+    out = node.meta.get("val")
+    if name is None or not isinstance(out, torch.Tensor):
+        return 0
+    # optimization_hint reads a symbolic size's example value without adding a guard; int() would
+    # specialise the batch and silently make a "dynamic" program static.
+    try:
+        numel = hint_int(out.numel())
+        if name in _CONV_OPS:
+            return numel * hint_int(node.args[1].meta["val"][0].numel())
+        operand = node.args[1] if name == "aten.addmm" else node.args[0]
+        return numel * hint_int(operand.meta["val"].shape[-1])
+    except (TypeError, KeyError, AttributeError, RuntimeError):
+        return 0
+
+
+def conv_matmul_macs(graph_module: torch.fx.GraphModule) -> tuple[int, Counter]:
+    """Total conv/matmul MACs of the top-level graph and the op names that carry them.
+
+    Symbolic batch sizes are counted at their example value (the hint).
+    """
+    total, names = 0, Counter()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and _aten_name(node) in _CONV_OPS + _MATMUL_OPS:
+            total += node_macs(node)
+            names[_aten_name(node)] += 1
+    return total, names
+
+
+def export_executorch(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    dynamic_batch: bool = True,
+    max_batch: int = 64,
+    strategy: str | None = None,
+    io_spec: IOSpec | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Lower a model (train form converted automatically) to an ExecuTorch ``.pte`` (XNNPACK).
+
+    The result reports what was delegated to XNNPACK and what fell back to the portable
+    kernels: op counts on each side and the share of conv/matmul MACs that XNNPACK runs.
+
+    Args:
+        model: Zoo model, user network with ODConv layers, or a deploy-form model.
+        path: Output ``.pte`` file.
+        dynamic_batch: Symbolic batch ``1..max_batch``.
+        max_batch: Upper bound of the dynamic batch.
+        strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
+        io_spec: I/O names and shapes (default: ``model.io_spec``).
+        input_shape: Input shape for models without an ``io_spec``.
+        name: Model name (for messages).
+        overwrite: Replace an existing file.
+
+    Raises:
+        ExportError: torch.export or lowering failed (the message names the cause).
+    """
+    require_backend("executorch", extra="executorch", purpose="ExecuTorch export")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
+                             name=name)
+    if dynamic_batch and not dynamic_batch_supported(prepared):
+        raise ExportError(
+            f"Strategy {prepared.strategy!r} bakes the batch into the graph. Note: pass "
+            "dynamic_batch=False or use 'im2col'/'static_weight'."
+        )
+    spec = prepared.io_spec
+    # A batch of 1 in the example input would be specialised by torch.export (0/1 rule).
+    inputs = spec.sample_inputs(batch=2 if dynamic_batch else 1)
+    dims = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        dims = tuple({0: batch} for _ in spec.inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(prepared.model, inputs, dynamic_shapes=dims)
+            total_macs, _ = conv_matmul_macs(exported.graph_module)
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            lowered = edge.exported_program().graph_module
+            info = get_delegation_info(lowered)
+            program = edge.to_executorch()
+    except Exception as exc:
+        raise ExportError(f"ExecuTorch lowering of {prepared.name} failed: {root_cause(exc)}"
+                          ) from exc
+    fallback_macs, fallback_ops = conv_matmul_macs(lowered)
+    path = fspath(path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(program.buffer)
+    by_op = {op: {"delegated": b.delegated, "non_delegated": b.non_delegated}
+             for op, b in info.delegation_by_operator.items()}
+    fallen = sorted(op for op, b in by_op.items() if b["non_delegated"]
+                    and op not in ("getitem", "sym_size"))
+    share = 1.0 - fallback_macs / total_macs if total_macs else 1.0
+    notes = []
+    if fallback_ops:
+        notes.append(f"conv/matmul ops NOT delegated to XNNPACK: {dict(fallback_ops)} "
+                     f"({fallback_macs / 1e6:.1f} of {total_macs / 1e6:.1f} M MACs run on "
+                     "portable kernels)")
+    shape = ["batch" if dynamic_batch else 1]
+    return ExportResult(
+        format=ExportFormat.EXECUTORCH, path=path,
+        input_names=spec.input_names, output_names=spec.output_names,
+        input_shapes={t.name: shape + list(t.shape[1:]) for t in spec.inputs},
+        output_shapes={t.name: shape + list(t.shape[1:]) for t in spec.outputs},
+        file_size_bytes=path_size(path),
+        options={"backend": "xnnpack", "dynamic_batch": dynamic_batch, "max_batch": max_batch,
+                 "strategy": prepared.strategy, "model": prepared.name},
+        tool_versions=tool_versions("executorch"),
+        op_counts={op: b["delegated"] + b["non_delegated"] for op, b in by_op.items()},
+        notes=notes,
+        details={
+            "delegated_subgraphs": info.num_delegated_subgraphs,
+            "delegated_nodes": info.num_delegated_nodes,
+            "non_delegated_nodes": info.num_non_delegated_nodes,
+            "non_delegated_op_types": fallen,
+            "conv_matmul_macs": total_macs,
+            "conv_matmul_macs_delegated_share": share,
+            "delegation_by_operator": by_op,
+            "converted_layers": prepared.converted_layers,
+        },
+    )

@@ -1,0 +1,172 @@
+"""ONNX export: dynamic batch, I/O names from the spec, full checker, provenance metadata."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export._common import (
+    ExportError,
+    ExportFormat,
+    ExportResult,
+    PreparedModel,
+    dynamic_batch_supported,
+    fspath,
+    path_size,
+    prepare_model,
+    root_cause,
+    tool_versions,
+)
+from odconv_deploy._atomic import atomic_output
+from odconv_deploy.errors import require_backend
+from odconv_deploy.io_spec import IOSpec
+
+#: Default opset: recent, and accepted by ONNX Runtime (incl. Mobile), onnxsim and the dynamo
+#: exporter (which needs >= 18).
+DEFAULT_OPSET = 18
+#: Protobuf's hard limit; larger models keep their weights in an external data file.
+PROTOBUF_LIMIT = 2 * 1024**3
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def onnx_shapes(values: list) -> dict[str, list[int | str]]:
+    """Name -> shape (``dim_param`` strings for symbolic dims) of ONNX graph values."""
+    shapes = {}
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_param if d.dim_param else d.dim_value for d in dims]
+    return shapes
+
+
+def _dynamic_axes(spec: IOSpec, batch: bool, spatial: bool) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for t in spec.inputs:
+        axes[t.name] = {}
+        if batch:
+            axes[t.name][0] = "batch"
+        if spatial and len(t.shape) == 4:
+            axes[t.name].update({2: "height", 3: "width"})
+    for t in spec.outputs:
+        axes[t.name] = {0: "batch"} if batch else {}
+    return axes
+
+
+def _export(prepared: PreparedModel, target: Path, opset: int, exporter: str,
+            axes: dict[str, dict[int, str]], external: bool) -> None:
+    spec = prepared.io_spec
+    inputs = spec.sample_inputs(batch=1)
+    kwargs = dict(input_names=spec.input_names, output_names=spec.output_names,
+                  opset_version=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter; errors still raise
+        if exporter == "dynamo":
+            require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
+            dims = tuple(
+                {a: torch.export.Dim(n if n == "batch" else f"{t.name}_{n}",
+                                     min=1 if n == "batch" else 8, max=4096)
+                 for a, n in axes.get(t.name, {}).items()}
+                for t in spec.inputs)
+            program = torch.onnx.export(
+                prepared.model, inputs, None, dynamo=True, dynamic_shapes=dims,
+                optimize=True, external_data=external, **kwargs)
+            program.save(str(target), external_data=external)
+        else:
+            torch.onnx.export(prepared.model, inputs, str(target), dynamo=False,
+                              dynamic_axes=axes, do_constant_folding=True, **kwargs)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
+    strategy: str | None = None,
+    exporter: str = "torchscript",
+    io_spec: IOSpec | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export a model (train form converted automatically) to ONNX.
+
+    Args:
+        model: Zoo model, user network with ODConv layers, or a deploy-form model.
+        path: Output ``.onnx`` file.
+        opset: ONNX opset.
+        dynamic_batch: Make the batch axis symbolic.
+        dynamic_spatial: Also make image height and width symbolic.
+        strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
+        exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (legacy tracer).
+        io_spec: I/O names and shapes (default: ``model.io_spec``).
+        input_shape: Input shape for models without an ``io_spec``.
+        name: Model name stamped into the metadata.
+        overwrite: Replace an existing file.
+
+    Returns:
+        The :class:`ExportResult`; the file is written whole or not at all.
+
+    Raises:
+        ExportError: Unknown exporter, a strategy that cannot take a dynamic batch, an opset the
+            graph cannot use, or a model that fails to trace (the message names the cause).
+    """
+    onnx = require_backend("onnx", extra="onnx", purpose="ONNX export")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"Unknown exporter {exporter!r}. Note: choose one of {EXPORTERS}.")
+    prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
+                             name=name)
+    if dynamic_batch and not dynamic_batch_supported(prepared):
+        raise ExportError(
+            f"Strategy {prepared.strategy!r} bakes the batch size into exported graphs, so a "
+            "dynamic batch is impossible. Note: pass dynamic_batch=False (CLI: --static-batch) "
+            "or use the 'im2col' or 'static_weight' strategy."
+        )
+    axes = _dynamic_axes(prepared.io_spec, dynamic_batch, dynamic_spatial)
+    weight_bytes = sum(p.numel() * p.element_size() for p in prepared.model.parameters())
+    external = weight_bytes > PROTOBUF_LIMIT
+    path = fspath(path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        try:
+            _export(prepared, tmp, opset, exporter, axes, external)
+        except Exception as exc:
+            raise ExportError(
+                f"ONNX export of {prepared.name} (exporter={exporter}, opset={opset}) failed: "
+                f"{root_cause(exc)}. Note: opset {DEFAULT_OPSET} is the tested default; the "
+                "dynamo exporter needs opset >= 18."
+            ) from exc
+        proto = onnx.load(str(tmp), load_external_data=False)
+        meta = {"producer": "odconv-deploy", "model": prepared.name,
+                "strategy": prepared.strategy or "none", "exporter": exporter,
+                **{f"version.{k}": v for k, v in tool_versions("onnx").items()}}
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            proto.metadata_props.add(key=key, value=str(value))
+        if external:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True,
+                            location=f"{path.name}.data")
+            onnx.checker.check_model(str(tmp), full_check=True)
+        else:
+            onnx.save_model(proto, str(tmp))
+            onnx.checker.check_model(proto, full_check=True)
+        if external:  # the weights file must land beside the final name
+            os.replace(tmp.parent / f"{path.name}.data", path.parent / f"{path.name}.data")
+    graph = proto.graph
+    return ExportResult(
+        format=ExportFormat.ONNX, path=path,
+        input_names=[i.name for i in graph.input], output_names=[o.name for o in graph.output],
+        input_shapes=onnx_shapes(list(graph.input)),
+        output_shapes=onnx_shapes(list(graph.output)),
+        file_size_bytes=path_size(path),
+        options={"opset": opset, "dynamic_batch": dynamic_batch,
+                 "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
+                 "exporter": exporter, "external_data": external, "model": prepared.name},
+        tool_versions=tool_versions("onnx"),
+        op_counts=dict(Counter(n.op_type for n in graph.node)),
+        details={"nodes": len(graph.node), "converted_layers": prepared.converted_layers},
+    )
