@@ -10,6 +10,7 @@ from export._common import (
     ExportError,
     ExportFormat,
     ExportResult,
+    artifact_result,
     parse_formats,
     prepare_model,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ExportError",
     "ExportFormat",
     "ExportResult",
+    "artifact_result",
     "export_coreml",
     "export_executorch",
     "export_formats",

@@ -233,6 +233,21 @@ def root_cause(exc: BaseException, limit: int = 400) -> str:
     return f"{type(exc).__name__}: {first[:limit]}"
 
 
+def artifact_result(fmt: ExportFormat, path: str | os.PathLike, io_spec: IOSpec, *,
+                    dynamic_batch: bool = True) -> ExportResult:
+    """Describe an existing artifact (not produced in this process) for the runners."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"Artifact {path} does not exist.")
+    batch: list[int | str] = ["batch" if dynamic_batch else 1]
+    return ExportResult(
+        format=fmt, path=path, input_names=io_spec.input_names,
+        output_names=io_spec.output_names,
+        input_shapes={t.name: batch + list(t.shape[1:]) for t in io_spec.inputs},
+        output_shapes={t.name: batch + list(t.shape[1:]) for t in io_spec.outputs},
+        file_size_bytes=path_size(path), notes=["described from an existing file"])
+
+
 def fspath(path: str | os.PathLike) -> Path:
     """``path`` as a Path."""
     return Path(os.fspath(path))

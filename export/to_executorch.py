@@ -69,6 +69,16 @@ def conv_matmul_macs(graph_module: torch.fx.GraphModule) -> tuple[int, Counter]:
     return total, names
 
 
+def _planned_batch(path: os.PathLike) -> int:
+    """Largest batch the program's memory plan holds (read from the first input's sizes)."""
+    from executorch.runtime import Runtime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = Runtime.get().load_program(str(path)).load_method("forward")
+        return int(method.metadata.input_tensor_meta(0).sizes()[0])
+
+
 def export_executorch(
     model: nn.Module,
     path: str | os.PathLike,
@@ -135,12 +145,16 @@ def export_executorch(
     path = fspath(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(program.buffer)
+        planned_batch = _planned_batch(tmp)
     by_op = {op: {"delegated": b.delegated, "non_delegated": b.non_delegated}
              for op, b in info.delegation_by_operator.items()}
     fallen = sorted(op for op, b in by_op.items() if b["non_delegated"]
                     and op not in ("getitem", "sym_size"))
     share = 1.0 - fallback_macs / total_macs if total_macs else 1.0
     notes = []
+    if dynamic_batch and planned_batch < max_batch:
+        notes.append(f"ExecuTorch planned memory for batch <= {planned_batch} (asked for "
+                     f"{max_batch}); larger batches are rejected by the runtime")
     if fallback_ops:
         notes.append(f"conv/matmul ops NOT delegated to XNNPACK: {dict(fallback_ops)} "
                      f"({fallback_macs / 1e6:.1f} of {total_macs / 1e6:.1f} M MACs run on "
@@ -164,6 +178,7 @@ def export_executorch(
             "non_delegated_op_types": fallen,
             "conv_matmul_macs": total_macs,
             "conv_matmul_macs_delegated_share": share,
+            "max_batch_planned": planned_batch,
             "delegation_by_operator": by_op,
             "converted_layers": prepared.converted_layers,
         },

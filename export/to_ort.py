@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -72,6 +73,9 @@ def export_ort(
         work_in.mkdir()
         shutil.copy(onnx_path, work_in / f"{path.stem}.onnx")
         log = io.StringIO()
+        tool_logger = logging.getLogger("ort_format_model.utils")  # chatty INFO lines
+        level = tool_logger.level
+        tool_logger.setLevel(logging.WARNING)
         try:
             with contextlib.redirect_stdout(log):
                 convert_onnx_models_to_ort(
@@ -81,6 +85,8 @@ def export_ort(
         except Exception as exc:
             raise ExportError(f"ORT-format conversion of {onnx_path} failed: "
                               f"{root_cause(exc)}") from exc
+        finally:
+            tool_logger.setLevel(level)
         produced = sorted(work_out.glob("*.ort"))
         configs = sorted(work_out.glob("*.config"))
         if len(produced) != 1 or len(configs) != 1:

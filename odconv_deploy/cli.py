@@ -65,6 +65,47 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from export import ExportFormat, artifact_result, export_formats, parse_formats
+    from odconv_deploy.model_source import load_zoo_model
+    from odconv_deploy.reparameterize import convert_model
+    from odconv_deploy.validation.artifacts import validate_artifacts
+
+    kwargs = {} if args.model == "od_tinynet_digits" else {"kernel_num": args.kernel_num}
+    loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, **kwargs)
+    given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
+                                      (ExportFormat.EXECUTORCH, args.pte),
+                                      (ExportFormat.COREML, args.coreml)) if p]
+    deploy = convert_model(loaded.model, strategy=args.strategy).model
+    with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp:
+        if given:
+            results = [artifact_result(fmt, path, loaded.io_spec, dynamic_batch=not
+                                       args.static_batch) for fmt, path in given]
+        else:
+            results = export_formats(deploy, args.out or tmp, parse_formats(args.formats),
+                                     stem=args.model, io_spec=loaded.io_spec,
+                                     dynamic_batch=not args.static_batch,
+                                     overwrite=args.overwrite,
+                                     progress=lambda s: print(f"-> {s} ...", file=sys.stderr))
+            for r in results:
+                print(r.summary())
+        batches = [int(b) for b in args.batches.split(",")]
+        report = validate_artifacts(loaded.model, results, io_spec=loaded.io_spec,
+                                    deploy_model=deploy, batches=batches, seed=args.seed,
+                                    image_folder=args.images)
+    print(report.to_markdown())
+    if args.json:
+        from odconv_deploy._atomic import atomic_output
+
+        with atomic_output(args.json, overwrite=True) as path:
+            path.write_text(report.to_json())
+    failed_exports = [r for r in results if not r.ok]
+    print("validation", "PASSED" if report.passed and not failed_exports else "FAILED")
+    return 0 if report.passed and not failed_exports else 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
 
@@ -119,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true",
                    help="fix the batch to 1 instead of a dynamic batch axis")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("validate", help="check exported artifacts against PyTorch on every "
+                       "runtime that can run them", formatter_class=fmt)
+    model_args(p, None, 4)
+    p.add_argument("--onnx", help="validate this ONNX model (instead of exporting)")
+    p.add_argument("--ort", help="validate this .ort model")
+    p.add_argument("--pte", help="validate this ExecuTorch program")
+    p.add_argument("--coreml", help="validate this .mlpackage")
+    p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte",
+                   help="formats to export and validate when no artifact is given")
+    p.add_argument("--out", default=None, help="keep exported artifacts here (default: temp)")
+    p.add_argument("--batches", default="1,3", help="batch sizes to compare")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--images", default=None, help="folder of images to use as inputs")
+    p.add_argument("--static-batch", action="store_true", help="artifacts have batch 1 only")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",
                        formatter_class=fmt)

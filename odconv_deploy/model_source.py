@@ -12,6 +12,9 @@ from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.models import create_model, model_entry
 from odconv_deploy.synthetic import synthesize_weights
 
+#: The committed trained model (od_tinynet on scikit-learn's digits).
+DIGITS_MODEL = "od_tinynet_digits"
+
 
 @dataclass
 class LoadedModel:
@@ -34,6 +37,14 @@ def load_zoo_model(name: str, *, checkpoint: str | os.PathLike | None = None, se
         seed: Seed of the synthetic weights used when there is no checkpoint.
         **kwargs: Model arguments (``kernel_num``, ``num_classes``, ...).
     """
+    if name == DIGITS_MODEL:
+        from odconv_deploy.digits import load_digits_model
+
+        if checkpoint is not None or kwargs:
+            raise ValueError(f"{DIGITS_MODEL} is a fixed trained model; it takes no "
+                             "checkpoint or model arguments.")
+        model = load_digits_model()
+        return LoadedModel(name, model, model.io_spec, "trained on sklearn digits", {})
     model = create_model(name, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
@@ -47,6 +58,11 @@ def load_zoo_model(name: str, *, checkpoint: str | os.PathLike | None = None, se
 
 def static_twin_of(loaded: LoadedModel, *, seed: int = 0) -> LoadedModel:
     """The static twin of a zoo model, with synthetic weights (a latency baseline)."""
+    if loaded.name == DIGITS_MODEL:
+        from odconv_deploy.digits import MODEL_KWARGS
+
+        kwargs = {k: v for k, v in MODEL_KWARGS.items() if k != "kernel_num"}
+        return load_zoo_model("tinynet", seed=seed, **kwargs)
     twin = model_entry(loaded.name).static_twin
-    kwargs = {k: v for k, v in loaded.kwargs.items() if k in ("num_classes",)}
+    kwargs = {k: v for k, v in loaded.kwargs.items() if k != "kernel_num" and k != "reduction"}
     return load_zoo_model(twin, seed=seed, **kwargs)

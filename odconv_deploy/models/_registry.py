@@ -73,15 +73,19 @@ def _tinynet(od: bool) -> Callable[..., nn.Module]:
     if od:
         def build(*, kernel_num: int = 1, reduction: float = 0.0625, num_classes: int = 10,
                   dropout: float = 0.0, in_channels: int = 3, width: int = 16,
-                  input_size: int = 32) -> nn.Module:
+                  input_size: int = 32, mean: tuple[float, ...] | None = None,
+                  std: tuple[float, ...] | None = None) -> nn.Module:
             return build_tinynet(od=True, kernel_num=kernel_num, reduction=reduction,
                                  num_classes=num_classes, dropout=dropout,
-                                 in_channels=in_channels, width=width, input_size=input_size)
+                                 in_channels=in_channels, width=width, input_size=input_size,
+                                 mean=mean, std=std)
     else:
         def build(*, num_classes: int = 10, dropout: float = 0.0, in_channels: int = 3,
-                  width: int = 16, input_size: int = 32) -> nn.Module:
+                  width: int = 16, input_size: int = 32, mean: tuple[float, ...] | None = None,
+                  std: tuple[float, ...] | None = None) -> nn.Module:
             return build_tinynet(od=False, num_classes=num_classes, dropout=dropout,
-                                 in_channels=in_channels, width=width, input_size=input_size)
+                                 in_channels=in_channels, width=width, input_size=input_size,
+                                 mean=mean, std=std)
     return build
 
 

@@ -18,9 +18,12 @@ class TinyNet(nn.Module):
     """stem conv -> [3x3 s2, depthwise 3x3, 1x1 expand, 1x1 project] -> pool -> linear."""
 
     def __init__(self, conv: ConvFactory, *, in_channels: int = 3, num_classes: int = 10,
-                 width: int = 16, input_size: int = 32, dropout: float = 0.0) -> None:
+                 width: int = 16, input_size: int = 32, dropout: float = 0.0,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+                 ) -> None:
         super().__init__()
         self.num_classes, self.in_channels, self.input_size = num_classes, in_channels, input_size
+        self.mean, self.std = mean, std  # preprocessing of [0, 1] pixels the model expects
         self.stem = nn.Sequential(static_conv(in_channels, width, 3, 1, 1),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         self.conv1 = conv(width, 2 * width, 3, 2, 1)
@@ -39,7 +42,7 @@ class TinyNet(nn.Module):
     def io_spec(self) -> IOSpec:
         """``image [B, C, S, S]`` -> ``logits [B, num_classes]``."""
         return image_classifier_spec(self.num_classes, channels=self.in_channels,
-                                     size=self.input_size, mean=None, std=None)
+                                     size=self.input_size, mean=self.mean, std=self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.stem(x)
@@ -53,8 +56,10 @@ class TinyNet(nn.Module):
 
 def build_tinynet(*, od: bool, in_channels: int = 3, num_classes: int = 10, width: int = 16,
                   input_size: int = 32, reduction: float = DEFAULT_REDUCTION,
-                  kernel_num: int = 1, dropout: float = 0.0) -> TinyNet:
+                  kernel_num: int = 1, dropout: float = 0.0,
+                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+                  ) -> TinyNet:
     """TinyNet; with ``od=True`` its four block convs are ODConv."""
     conv = odconv_factory(reduction, kernel_num) if od else static_conv
     return TinyNet(conv, in_channels=in_channels, num_classes=num_classes, width=width,
-                   input_size=input_size, dropout=dropout)
+                   input_size=input_size, dropout=dropout, mean=mean, std=std)

@@ -1,0 +1,1 @@
+"""Validation: runners, comparison and reports."""

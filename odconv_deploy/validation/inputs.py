@@ -1,0 +1,64 @@
+"""Inputs for validation: seeded random tensors from the I/O spec, or real images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from odconv_deploy.errors import InputShapeError, require_backend
+from odconv_deploy.io_spec import IOSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def seeded_feed(io_spec: IOSpec, batch: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for every spec input; the same seed gives the same arrays."""
+    return {t.name: x.numpy() for t, x in
+            zip(io_spec.inputs, io_spec.sample_inputs(batch, seed=seed), strict=True)}
+
+
+def image_folder_feed(folder: str | os.PathLike, io_spec: IOSpec, batch: int
+                      ) -> dict[str, np.ndarray]:
+    """The first ``batch`` images of ``folder`` (sorted by name), preprocessed for the model.
+
+    Images are resized to the spec's input size, scaled to [0, 1] and normalised with the
+    spec's mean and std.
+
+    Raises:
+        InputShapeError: The folder has fewer than ``batch`` images, or the model has more
+            than one input.
+    """
+    image_module = require_backend("PIL.Image", extra="report", purpose="Reading images")
+    if len(io_spec.inputs) != 1:
+        raise InputShapeError("Image folders feed single-input models only.")
+    spec = io_spec.inputs[0]
+    channels, height, width = spec.shape[1:]
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < batch:
+        raise InputShapeError(f"{folder} has {len(files)} images; batch {batch} needs more "
+                              f"(suffixes {IMAGE_SUFFIXES}).")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for path in files[:batch]:
+        with image_module.open(path) as img:
+            img = img.convert(mode).resize((width, height), image_module.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32).reshape(height, width, channels) / 255.0
+        if io_spec.mean is not None and io_spec.std is not None:
+            arr = (arr - np.asarray(io_spec.mean, np.float32)) / np.asarray(io_spec.std,
+                                                                             np.float32)
+        arrays.append(arr.transpose(2, 0, 1))
+    return {spec.name: np.stack(arrays).astype(np.float32)}
+
+
+def feed_issues(feed: dict[str, np.ndarray], *, fp16: bool = False) -> list[str]:
+    """Problems with input values: NaN/Inf, and magnitudes fp16 cannot hold."""
+    issues = []
+    for name, arr in feed.items():
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            issues.append(f"input {name!r} has {bad} NaN/Inf values")
+        if fp16 and np.isfinite(arr).any() and np.abs(arr[np.isfinite(arr)]).max() > 65504:
+            issues.append(f"input {name!r} has values beyond the fp16 range (|x| > 65504)")
+    return issues

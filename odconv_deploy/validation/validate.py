@@ -1,0 +1,141 @@
+"""Run every runner on the same seeded inputs and compare each with the reference."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.runners.base import Runner
+from odconv_deploy.runners.coreml_runner import BackendUnavailableError
+from odconv_deploy.validation.compare import DEFAULT_TOLERANCES, Comparison, Tolerance, compare
+from odconv_deploy.validation.inputs import feed_issues, image_folder_feed, seeded_feed
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class Candidate:
+    """A runner to check, the precision its artifact computes in, and an optional tolerance."""
+
+    runner: Runner
+    precision: str = "fp32"
+    tolerance: Tolerance | None = None
+    artifact: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """Comparisons of every candidate at every batch, plus what was skipped and why."""
+
+    reference: str
+    comparisons: list[Comparison] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (runner, reason)
+    input_issues: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every comparison passed and the inputs were clean (skips do not fail)."""
+        return not self.input_issues and all(self.comparisons)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready view."""
+        return {"reference": self.reference, "passed": self.passed,
+                "input_issues": self.input_issues,
+                "skipped": [{"runner": r, "reason": why} for r, why in self.skipped],
+                "comparisons": [c.to_dict() for c in self.comparisons]}
+
+    def to_json(self) -> str:
+        """The report as JSON."""
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_markdown(self) -> str:
+        """A readable table: one row per runner, batch and output."""
+        lines = [f"Reference: {self.reference}", "",
+                 "| runner | batch | output | max abs | max rel | cosine | SQNR dB | top-1 | "
+                 "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in self.comparisons:
+            if c.error:
+                lines.append(f"| {c.runner} | {c.batch} | - | - | - | - | - | - | "
+                             f"FAILED: {c.error} |")
+            for o in c.outputs:
+                top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}"
+                verdict = "pass" if o.passed else f"FAILED: {o.reason}"
+                lines.append(f"| {c.runner} | {c.batch} | {o.name} | {o.max_abs:.2e} | "
+                             f"{o.max_rel:.2e} | {o.cosine:.6f} | {o.sqnr_db:.1f} | {top1} | "
+                             f"{verdict} |")
+        lines += [f"- input issue: {i}" for i in self.input_issues]
+        lines += [f"- skipped {r}: {why}" for r, why in self.skipped]
+        return "\n".join(lines) + "\n"
+
+
+def _fp16_range_issue(reference: dict[str, np.ndarray]) -> str | None:
+    peak = max(float(np.abs(v[np.isfinite(v)]).max(initial=0.0)) for v in reference.values())
+    if peak > FP16_MAX:
+        return (f"reference outputs reach |y| = {peak:.3g}, beyond the fp16 range "
+                f"({FP16_MAX:g}); an fp16 artifact cannot represent them")
+    return None
+
+
+def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec, *,
+             batches: Sequence[int] = (1, 3), seed: int = 0, image_folder: str | None = None
+             ) -> ValidationReport:
+    """Feed identical inputs to the reference and every candidate and compare the outputs.
+
+    A candidate is run at each batch size its inputs accept; a backend that cannot run on
+    this machine is recorded as skipped with the reason; a runner that fails to load or run
+    is a failed comparison carrying the error.
+
+    Args:
+        reference: The runner whose outputs are the truth (usually PyTorch, train form).
+        candidates: Runners to check.
+        io_spec: The model's I/O spec (input names, shapes, preprocessing).
+        batches: Batch sizes to try.
+        seed: Seed of the random inputs.
+        image_folder: Use real images from this folder instead of random inputs.
+    """
+    report = ValidationReport(reference=reference.name)
+    feeds = {b: (image_folder_feed(image_folder, io_spec, b) if image_folder
+                 else seeded_feed(io_spec, b, seed=seed + b)) for b in batches}
+    for batch, feed in feeds.items():
+        report.input_issues += [f"batch {batch}: {i}" for i in feed_issues(feed)]
+    classifier = io_spec.task == "classification"
+    with reference:
+        expected = {b: reference.infer(f) for b, f in feeds.items()}
+    for cand in candidates:
+        tolerance = cand.tolerance or DEFAULT_TOLERANCES[cand.precision]
+        try:
+            cand.runner.activate()
+        except BackendUnavailableError as exc:
+            report.skipped.append((cand.runner.name, str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a failed load is a failed validation
+            report.comparisons.append(Comparison(cand.runner.name, 0, tolerance,
+                                                 error=f"{type(exc).__name__}: {exc}"))
+            continue
+        try:
+            for batch, feed in feeds.items():
+                if not cand.runner.accepts_batch(batch):
+                    continue
+                try:
+                    got = cand.runner.infer(feed)
+                except Exception as exc:  # noqa: BLE001 - recorded with the comparison
+                    report.comparisons.append(Comparison(cand.runner.name, batch, tolerance,
+                                                         error=f"{type(exc).__name__}: {exc}"))
+                    continue
+                result = compare(cand.runner.name, batch, expected[batch], got, tolerance,
+                                 classifier=classifier)
+                if cand.precision == "fp16":
+                    issue = _fp16_range_issue(expected[batch])
+                    for o in result.outputs:
+                        if issue:
+                            o.passed, o.reason = False, issue
+                        elif o.non_finite:
+                            o.reason += " (fp16 overflow of an intermediate value?)"
+                report.comparisons.append(result)
+        finally:
+            cand.runner.deactivate()
+    return report
