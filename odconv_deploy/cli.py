@@ -106,6 +106,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.passed and not failed_exports else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from runtime_bench.bench import BenchConfig, run_benchmark
+    from runtime_bench.measure import MeasureSettings
+    from runtime_bench.report import to_markdown, write_report
+
+    settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations,
+                               budget_s=args.budget)
+    config = BenchConfig(
+        model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
+        backends=args.backends, batches=[int(b) for b in args.batch.split(",")],
+        threads=[int(t) for t in args.threads.split(",")], strategy=args.strategy,
+        resolution=args.resolution, settings=settings, out=args.out, overwrite=args.overwrite)
+    report = run_benchmark(config, progress=lambda s: print(s, file=sys.stderr))
+    files = write_report(report, args.out, overwrite=args.overwrite)
+    print(to_markdown(report))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0 if all(r.status != "failed" for r in report.rows) else 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
 
@@ -177,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="artifacts have batch 1 only")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("bench", help="latency of a model beside its static twin",
+                       formatter_class=fmt)
+    model_args(p, None, 4)
+    p.add_argument("--backends", default="ort,pte,torch",
+                   help="comma-separated: torch, ort, ort-format, pte, coreml")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated")
+    p.add_argument("--threads", default="1", help="thread counts, comma-separated")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: model's)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up runs per measurement")
+    p.add_argument("--iterations", type=int, default=30, help="timed runs per measurement")
+    p.add_argument("--budget", type=float, default=None,
+                   help="time budget per measurement in seconds (overrides --iterations)")
+    p.add_argument("--out", default="bench_out", help="output folder")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",
                        formatter_class=fmt)

@@ -1,0 +1,104 @@
+"""runtime_bench: statistics, every backend on a small model, failures that do not stop a sweep."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from odconv_deploy.cli import main
+from runtime_bench.backends import UnknownBackendError, parse_backends
+from runtime_bench.bench import BenchConfig, run_benchmark
+from runtime_bench.measure import MeasureSettings
+from runtime_bench.report import to_csv, to_markdown, write_report
+from runtime_bench.stats import paired_ratio, summarize
+
+QUICK = MeasureSettings(warmup=1, iterations=4)
+
+
+def test_summarize_known_samples():
+    s = summarize([0.001, 0.002, 0.003, 0.004, 0.100])
+    assert s.n == 5 and s.median_ms == pytest.approx(3.0) and s.min_ms == pytest.approx(1.0)
+    assert s.max_ms == pytest.approx(100.0) and s.iqr_ms == pytest.approx(2.0)
+    assert s.p90_ms == pytest.approx(np.percentile([1, 2, 3, 4, 100], 90))
+    with pytest.raises(ValueError, match="No latency samples"):
+        summarize([])
+
+
+def test_paired_ratio():
+    r = paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])
+    assert r["ratio_median"] == pytest.approx(2.0) and r["rounds"] == 3
+    assert r["ratio_of_medians"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_unknown_backend_lists_valid():
+    with pytest.raises(UnknownBackendError, match="tflite.*torch, ort, ort-format, pte, coreml"):
+        parse_backends("ort,tflite")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(model="od_tinynet", kernel_num=2, backends="torch,ort,ort-format,pte",
+                         batches=(1, 16), threads=(1,), out=str(out), settings=QUICK)
+    return run_benchmark(config), out
+
+
+def test_every_backend_measures_both_models(report):
+    rep, _ = report
+    ok = [r for r in rep.rows if r.status == "ok"]
+    assert {(r.backend, r.role) for r in ok if r.batch == 1} == {
+        (b, role) for b in ("torch", "ort", "ort-format", "pte") for role in ("odconv", "static")}
+    for r in ok:
+        assert r.latency["n"] == QUICK.iterations and r.latency["median_ms"] > 0
+        assert r.cold_start_s > 0 and r.throughput_ips > 0 and r.floor_ms > 0
+        if r.role == "odconv":
+            assert r.ratio_to_static["rounds"] == QUICK.iterations
+    assert rep.probes[1].sgemm_gflops > 1 and rep.probes[1].read_gbps > 0.1
+
+
+def test_batch_the_artifact_cannot_take_is_skipped_and_sweep_goes_on(report):
+    rep, _ = report
+    pte16 = [r for r in rep.rows if r.backend == "pte" and r.batch == 16]
+    assert pte16 and all(r.status == "skipped" and "batch 16" in r.reason for r in pte16)
+    assert any(r.status == "ok" and r.batch == 16 for r in rep.rows)  # other backends ran
+
+
+def test_report_files(report):
+    rep, out = report
+    files = write_report(rep, out, overwrite=True)
+    names = {f.name for f in files}
+    assert {"bench.json", "bench.csv", "bench.md", "latency.png", "ratio.png"} <= names
+    data = json.loads((out / "bench.json").read_text())
+    assert data["machine"]["torch"] and data["config"]["settings"]["iterations"] == 4
+    rows = list(csv.DictReader(io.StringIO(to_csv(rep))))
+    assert len(rows) == len(rep.rows)
+    assert "ratio to static" in to_markdown(rep)
+
+
+def test_missing_backend_package_is_reported_not_fatal(tmp_path, monkeypatch):
+    import odconv_deploy.runners.executorch_runner as et
+    from odconv_deploy.errors import MissingBackendError
+
+    def missing(module, *, extra, purpose):
+        raise MissingBackendError(f"{purpose} needs '{module}'. Note: install it with: "
+                                  f"pip install 'odconv-deploy[{extra}]'")
+
+    monkeypatch.setattr(et, "require_backend", missing)
+    config = BenchConfig(model="od_tinynet", kernel_num=1, backends="pte,torch", batches=(1,),
+                         out=str(tmp_path), settings=QUICK)
+    rep = run_benchmark(config)
+    pte = [r for r in rep.rows if r.backend == "pte"]
+    assert all(r.status == "failed" and "pip install 'odconv-deploy[executorch]'" in r.reason
+               for r in pte)
+    assert all(r.status == "ok" for r in rep.rows if r.backend == "torch")
+
+
+def test_bench_cli(tmp_path, capsys):
+    assert main(["bench", "--model", "od_tinynet", "--kernel-num", "2", "--backends", "ort",
+                 "--iterations", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "od_tinynet | ort | 1 | 1" in out and (tmp_path / "bench.md").is_file()
