@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odconv_deploy.fusion import fold_bn_into_linear, fold_output_bn, stack_attention_heads
-from odconv_deploy.layers.im2col import group_major, shifted_taps
+from odconv_deploy.layers.im2col import im2col, onehot_tap_kernel
 from odconv_deploy.layers.odconv import Attentions, check_conv_input
 
 if TYPE_CHECKING:  # detect imports layers.odconv; avoid the cycle at run time
@@ -98,6 +98,9 @@ class ODConv2dDeploy(nn.Module):
         self.attention_heads = nn.Linear(attention_channels, bounds[4])
         self.weight = nn.Parameter(torch.zeros(self.weight_shape()))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        # Derived constant (not saved): the one-hot kernel that builds im2col columns.
+        self.register_buffer("tap_kernel", onehot_tap_kernel(in_channels, kernel_size),
+                             persistent=False)
 
     @property
     def taps(self) -> int:
@@ -195,63 +198,63 @@ class ODConv2dDeploy(nn.Module):
 
 
 class Im2colODConv2d(ODConv2dDeploy):
-    """Deploy form: pad/slice im2col, then a per-sample, per-group batched matmul.
+    """Deploy form: one-hot-conv im2col, then a per-sample, per-group batched matmul.
 
-    The weight is stored tap-major, ``[K, C_out, k*k, C_in/g]``, so aggregating it needs no
-    transpose. Channel and filter attention go to whichever side is smaller: the activations
-    or the per-sample weight.
+    The kernel bank is stored in ``linear`` layout, ``[C_out*C_in/g*k*k, K]``, so the kernel
+    aggregation is one fully-connected op (delegated by XNNPACK; one pass over the weights in
+    ONNX Runtime). Channel and filter attention go to whichever side is smaller: the
+    activations or the per-sample weight.
     """
 
     strategy = "im2col"
 
     def weight_shape(self) -> tuple[int, ...]:  # noqa: D102 - see base class
-        return (self.kernel_num, self.out_channels, self.taps, self.in_channels // self.groups)
+        return (self.out_channels * self.in_channels // self.groups * self.taps,
+                self.kernel_num)
 
     def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return weight.flatten(3).transpose(2, 3)
-
-    def _aggregated_weight(self, att: Attentions) -> torch.Tensor:
-        """Per-sample weight ``[B or 1, C_out, k*k, C_in/g]`` with kernel and spatial attention."""
-        if att.kernel is not None:
-            weight = (att.kernel @ self.weight.reshape(self.kernel_num, -1))
-        else:
-            weight = self.weight.reshape(1, -1)
-        weight = weight.reshape(-1, self.out_channels, self.taps, self.in_channels // self.groups)
-        if att.spatial is not None:
-            weight = weight * att.spatial[:, None, :, None]
-        return weight
+        return weight.reshape(self.kernel_num, -1).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
         self._check(x)
         att = self.attentions(x)
-        weight = self._aggregated_weight(att)
-        cin_g, cout_g = self.in_channels // self.groups, self.out_channels // self.groups
+        g, cin_g, cout_g, taps = (self.groups, self.in_channels // self.groups,
+                                  self.out_channels // self.groups, self.taps)
+        # Kernel aggregation: one fully-connected op over the kernel bank -> [B or 1, N].
+        weight = F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
+        weight = weight.reshape(-1, g, cout_g, cin_g * taps)
         pixels = x.shape[2] * x.shape[3]
         out_pixels = pixels // (self.stride * self.stride)
-        # Channel attention: on the input map (C_in*H*W) or the weight (C_out*k*k*C_in/g).
-        if self.in_channels * pixels <= self.out_channels * self.taps * cin_g:
+        # Channel attention on the input map (C_in*H*W) or on the weight (C_out*C_in/g*k*k),
+        # whichever is smaller. Weight-side factors are combined into one small
+        # [B, g, 1, C_in/g*k*k] scale first, so the big multiply broadcasts over whole rows.
+        channel_on_weight = self.in_channels * pixels > self.out_channels * cin_g * taps
+        if not channel_on_weight:
             x = x * att.channel[:, :, None, None]
-        else:  # a_c[b, g*C_in/g + c] scales weight[b, co, t, c] for every co of group g
-            channel = att.channel.reshape(-1, self.groups, 1, cin_g).expand(-1, -1, cout_g, -1)
-            weight = weight * channel.reshape(-1, self.out_channels, 1, cin_g)
+        scale = None
+        if channel_on_weight:
+            scale = att.channel.reshape(-1, g, cin_g, 1)
+            if att.spatial is not None:
+                scale = scale * att.spatial[:, None, None, :]
+        elif att.spatial is not None:
+            scale = att.spatial[:, None, None, :].expand(-1, 1, cin_g, -1)
+        if scale is not None:
+            weight = weight * scale.reshape(scale.shape[0], -1, 1, cin_g * taps)
         filt = att.filter
-        if filt is not None and out_pixels > self.taps * cin_g:
-            weight = weight * filt[:, :, None, None]
+        if filt is not None and out_pixels > cin_g * taps:
+            weight = weight * filt.reshape(-1, g, cout_g, 1)
             filt = None
-        taps = shifted_taps(x, self.kernel_size, self.stride, self.padding, self.dilation)
-        out_h, out_w = taps[0].shape[2], taps[0].shape[3]
-        batch = x.shape[0]
+        cols = im2col(x, self.tap_kernel, self.kernel_size, self.stride, self.padding,
+                      self.dilation)
+        batch, out_h, out_w = cols.shape[0], cols.shape[2], cols.shape[3]
         if self.groups == self.in_channels == self.out_channels:
-            # Depthwise: a k*k-term multiply-accumulate beats a matmul with inner size k*k.
-            weight = weight.reshape(weight.shape[0], self.out_channels, self.taps)
-            out = taps[0] * weight[:, :, 0, None, None]
-            for t in range(1, self.taps):
-                out = out + taps[t] * weight[:, :, t, None, None]
+            # Depthwise: multiply-accumulate over the k*k taps of each channel.
+            cols = cols.reshape(batch, self.out_channels, taps, -1)
+            weight = weight.reshape(-1, self.out_channels, taps, 1)
+            out = (cols * weight).sum(dim=2).reshape(batch, self.out_channels, out_h, out_w)
         else:
-            cols = group_major(torch.cat(taps, dim=1).flatten(2), self.taps, self.groups)
-            cols = cols.reshape(batch, self.groups, self.taps * cin_g, -1)
-            weight = weight.reshape(-1, self.groups, cout_g, self.taps * cin_g)
+            cols = cols.reshape(batch, g, cin_g * taps, -1)
             out = (weight @ cols).reshape(batch, self.out_channels, out_h, out_w)
         return self._finish(out, filt)
 
@@ -289,10 +292,10 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
 class StaticWeightODConv2d(ODConv2dDeploy):
     """Deploy form with constant conv weights: attentions act on activations only.
 
-    im2col taps are scaled by spatial x channel attention, reordered group-major, and fed to
-    one static grouped 1x1 conv that produces every kernel's output (``[K*C_out]``), which
-    the kernel attention then mixes. 1x1 layers skip im2col and use a strided static conv.
-    Weight layout: ``[groups*K*C_out/g, k*k*C_in/g, 1, 1]``.
+    im2col columns (one-hot conv, channel-major) are scaled by channel x spatial attention
+    and fed to one static grouped 1x1 conv that produces every kernel's output (``[K*C_out]``),
+    which the kernel attention then mixes. 1x1 layers skip im2col and use a strided static
+    conv. Weight layout: ``[groups*K*C_out/g, C_in/g*k*k, 1, 1]``.
     """
 
     strategy = "static_weight"
@@ -303,9 +306,8 @@ class StaticWeightODConv2d(ODConv2dDeploy):
 
     def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
         k_num, g = self.kernel_num, self.groups
-        weight = weight.reshape(k_num, g, self.out_channels // g, self.in_channels // g,
-                                self.taps)
-        return weight.permute(1, 0, 2, 4, 3).reshape(self.weight_shape())
+        weight = weight.reshape(k_num, g, self.out_channels // g, -1)
+        return weight.transpose(0, 1).reshape(self.weight_shape())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
@@ -317,12 +319,12 @@ class StaticWeightODConv2d(ODConv2dDeploy):
             out = F.conv2d(x * scale[:, :, None, None], self.weight, None, self.stride,
                            self.padding, 1, self.groups)
         else:
-            taps = shifted_taps(x, self.kernel_size, self.stride, self.padding, self.dilation)
-            scale = att.channel[:, None, :]
+            cols = im2col(x, self.tap_kernel, self.kernel_size, self.stride, self.padding,
+                          self.dilation)
+            scale = att.channel[:, :, None]
             if att.spatial is not None:
-                scale = att.spatial[:, :, None] * scale  # [B, k*k, C_in], tap-major
-            cols = torch.cat(taps, dim=1) * scale.reshape(batch, -1, 1, 1)
-            cols = group_major(cols, self.taps, self.groups)
+                scale = scale * att.spatial[:, None, :]  # [B, C_in, k*k], channel-major
+            cols = cols * scale.reshape(batch, -1, 1, 1)
             out = F.conv2d(cols, self.weight, None, 1, 0, 1, self.groups)
         if self.kernel_num > 1:
             out_h, out_w = out.shape[2], out.shape[3]

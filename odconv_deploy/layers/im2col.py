@@ -1,7 +1,11 @@
-"""im2col with pad + strided slices: runs in every runtime and never exceeds rank 4.
+"""im2col as one constant one-hot grouped conv: runs everywhere and never exceeds rank 4.
 
 ``F.unfold`` exports to a slow rank-6 ONNX pattern and does not convert to CoreML; k*k
-strided slices of the zero-padded input do the same job with ops every backend supports.
+strided slices plus a concat work everywhere but cost many small copies and split
+ExecuTorch graphs into dozens of delegates. A grouped conv with a one-hot kernel per tap does
+the same job in one op that every backend runs (and XNNPACK delegates): output channel
+``c*k*k + t`` holds input channel ``c`` shifted by tap ``t``. Multiplying by exact ones and
+zeros, it is exact for finite inputs.
 """
 
 from __future__ import annotations
@@ -10,36 +14,21 @@ import torch
 import torch.nn.functional as F
 
 
-def shifted_taps(
-    x: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
-) -> list[torch.Tensor]:
-    """The ``k*k`` shifted, strided views of ``x`` that a convolution reads.
+def onehot_tap_kernel(channels: int, kernel_size: int, dtype: torch.dtype = torch.float32
+                      ) -> torch.Tensor:
+    """The ``[channels*k*k, 1, k, k]`` one-hot kernel used by :func:`im2col`."""
+    taps = kernel_size * kernel_size
+    eye = torch.eye(taps, dtype=dtype).reshape(taps, 1, kernel_size, kernel_size)
+    return eye.repeat(channels, 1, 1, 1)
 
-    Tap ``(i, j)`` (row-major, index ``i*k + j``) is ``[B, C, H_out, W_out]`` and holds
-    ``x_pad[:, :, i*d + s*oh, j*d + s*ow]``. The slice ends are negative offsets from the end,
-    so no output size is baked in: the same graph serves any input height and width.
+
+def im2col(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: int, padding: int,
+           dilation: int) -> torch.Tensor:
+    """Columns ``[B, C*k*k, H_out, W_out]`` of ``x``, channel-major (index ``c*k*k + t``).
+
+    ``kernel`` is :func:`onehot_tap_kernel` for ``x``'s channel count. Channel-major order
+    is also group-major, so grouped matmuls and grouped 1x1 convs need no reordering.
     """
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
-    span = dilation * (kernel_size - 1)
-    taps = []
-    for i in range(kernel_size):
-        row_end = i * dilation - span or None
-        for j in range(kernel_size):
-            col_end = j * dilation - span or None
-            taps.append(x[:, :, i * dilation:row_end:stride, j * dilation:col_end:stride])
-    return taps
-
-
-def group_major(cols: torch.Tensor, taps: int, groups: int) -> torch.Tensor:
-    """Reorder tap-major channels ``[B, taps*C, ...]`` to group-major ``[B, groups*taps*C/g, ...]``.
-
-    Tap-major index ``t*C + gi*C/g + c`` becomes ``gi*taps*C/g + t*C/g + c``, the layout a
-    grouped conv or a per-group matmul needs. Done with rank-4 reshapes and one transpose.
-    """
-    if groups == 1:
-        return cols
-    batch, channels = cols.shape[0], cols.shape[1]
-    spatial = cols.shape[2:]
-    out = cols.reshape(batch, taps, groups, -1).transpose(1, 2)
-    return out.reshape((batch, channels) + tuple(spatial))
+    if kernel_size == 1 and padding == 0:
+        return x[:, :, ::stride, ::stride] if stride > 1 else x
+    return F.conv2d(x, kernel, None, stride, padding, dilation, groups=x.shape[1])
