@@ -59,7 +59,7 @@ def export_formats(
         try:
             onnx_result = export_onnx(model, out / f"{name}.onnx", opset=opset,
                                       dynamic_batch=dynamic_batch, **common)
-        except (ODConvDeployError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             onnx_result = _failure(ExportFormat.ONNX, out / f"{name}.onnx", exc)
         results.append(onnx_result)
     if {ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT} & set(wanted):
@@ -77,7 +77,7 @@ def export_formats(
             if not source.ok:
                 raise ExportError("no ONNX model to convert (the ONNX export failed)")
             results.append(export_ort(source, out / f"{name}.ort", overwrite=overwrite))
-        except (ODConvDeployError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             results.append(_failure(ExportFormat.ORT, out / f"{name}.ort", exc))
     if ExportFormat.COREML in wanted:
         progress("convert to CoreML")
@@ -85,13 +85,13 @@ def export_formats(
             results.append(export_coreml(model, out / f"{name}.mlpackage",
                                          precision=coreml_precision,
                                          flexible_batch=dynamic_batch, **common))
-        except (ODConvDeployError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             results.append(_failure(ExportFormat.COREML, out / f"{name}.mlpackage", exc))
     if ExportFormat.EXECUTORCH in wanted:
         progress("lower to ExecuTorch (XNNPACK)")
         try:
             results.append(export_executorch(model, out / f"{name}.pte",
                                              dynamic_batch=dynamic_batch, **common))
-        except (ODConvDeployError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             results.append(_failure(ExportFormat.EXECUTORCH, out / f"{name}.pte", exc))
     return results

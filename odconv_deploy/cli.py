@@ -131,6 +131,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
         strategy=args.strategy, out=args.out, overwrite=args.overwrite, quick=args.quick,
+        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        threads=args.threads,
     )
     report = run_pipeline(options, progress=print)
     print(report.summary())
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     model_args(p, "od_resnet18", 4)
     p.add_argument("--out", default="odconv_out", help="report directory")
+    p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte", help="formats to export")
+    p.add_argument("--backends", default="ort,pte,torch", help="runtimes to benchmark")
+    p.add_argument("--threads", type=int, default=1, help="threads for the benchmark")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller inputs")
     p.set_defaults(func=_cmd_run)
     return parser

@@ -1,4 +1,10 @@
-"""The main job: from a model to a deployment report (``odconv-deploy run``)."""
+"""The main job: from a model to a deployment report (``odconv-deploy run``).
+
+Steps: load, convert (verified), export every format, validate every artifact on every
+runtime that can run it, benchmark beside the static twin, report. A failed step is recorded
+and the later steps that do not depend on it still run; the report is rewritten after every
+step, so partial results survive a crash or an interrupt.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,13 @@ import torch
 import odconv_deploy
 from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
-from odconv_deploy.model_source import load_zoo_model
+from odconv_deploy.model_source import DIGITS_MODEL, load_zoo_model
 from odconv_deploy.reparameterize import convert_model
 
 #: float32 whole-model tolerance of train form vs deploy form (relative to max |logit|).
 FP32_MODEL_RTOL = 1e-4
+
+StepOutcome = tuple[str, str, dict[str, object]]
 
 
 @dataclass
@@ -29,6 +37,9 @@ class PipelineOptions:
     kernel_num: int = 4
     checkpoint: str | None = None
     strategy: str = DEFAULT_STRATEGY
+    formats: tuple[str, ...] = ("onnx", "onnx-sim", "ort", "coreml", "pte")
+    backends: tuple[str, ...] = ("ort", "pte", "torch")
+    threads: int = 1
     out: str = "odconv_out"
     overwrite: bool = False
     quick: bool = False
@@ -53,6 +64,7 @@ class PipelineReport:
     options: PipelineOptions
     steps: list[StepResult] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
+    sections: dict[str, str] = field(default_factory=dict)  # Markdown per step
 
     @property
     def ok(self) -> bool:
@@ -61,8 +73,8 @@ class PipelineReport:
 
     def summary(self) -> str:
         """One line per step and a verdict."""
-        lines = [f"[{s.status:>7}] {s.name}: {s.detail}" for s in self.steps]
-        lines.append(f"{'OK' if self.ok else 'FAILED'}: report in {self.options.out}")
+        lines = [f"[{s.status:>7}] {s.name} ({s.seconds:.0f} s): {s.detail}" for s in self.steps]
+        lines.append(f"{'OK' if self.ok else 'FAILED'}: report in {self.options.out}/report.md")
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -72,13 +84,19 @@ class PipelineReport:
                           indent=2, default=str)
 
     def to_markdown(self) -> str:
-        """The report as Markdown."""
+        """The report as Markdown: steps, then one section per step, then the environment."""
         o = self.options
-        lines = [f"# odconv-deploy report: {o.model} (kernel_num={o.kernel_num})", "",
-                 f"Verdict: **{'OK' if self.ok else 'FAILED'}**", "",
+        total = sum(s.seconds for s in self.steps)
+        lines = [f"# odconv-deploy report: {o.model}"
+                 + ("" if o.model == DIGITS_MODEL else f" (kernel_num={o.kernel_num})"), "",
+                 f"Verdict: **{'OK' if self.ok else 'FAILED'}** ({total:.0f} s). "
+                 f"Strategy `{o.strategy}`; formats {', '.join(o.formats)}; benchmark "
+                 f"backends {', '.join(o.backends)}.", "",
                  "| step | status | seconds | detail |", "|---|---|---|---|"]
         lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |"
                   for s in self.steps]
+        for title, body in self.sections.items():
+            lines += ["", f"## {title}", "", body.rstrip()]
         lines += ["", "## Environment", ""]
         lines += [f"- {k}: {v}" for k, v in self.environment.items()]
         return "\n".join(lines) + "\n"
@@ -86,68 +104,177 @@ class PipelineReport:
 
 def environment() -> dict[str, str]:
     """Machine and library versions stamped into reports."""
-    return {"odconv_deploy": odconv_deploy.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor() or "unknown",
-            "cpu_threads": str(torch.get_num_threads())}
+    from runtime_bench.probe import machine_info
+
+    return {"odconv_deploy": odconv_deploy.__version__, **machine_info(),
+            "platform": platform.platform(), "torch_threads": str(torch.get_num_threads())}
+
+
+class _Pipeline:
+    """State shared by the steps of one run."""
+
+    def __init__(self, options: PipelineOptions, progress: Callable[[str], None]) -> None:
+        self.o = options
+        self.out = Path(options.out)
+        self.progress = progress
+        self.report = PipelineReport(options, environment=environment())
+        self.loaded = None
+        self.deploy = None
+        self.exports: list = []
+
+    def write(self) -> None:
+        with atomic_output(self.out / "report.json", overwrite=True) as tmp:
+            tmp.write_text(self.report.to_json())
+        with atomic_output(self.out / "report.md", overwrite=True) as tmp:
+            tmp.write_text(self.report.to_markdown())
+
+    def step(self, name: str, fn: Callable[[], StepOutcome], *, needs: tuple[str, ...] = ()
+             ) -> None:
+        index = len(self.report.steps) + 1
+        missing = [n for n in needs if not any(s.name == n and s.status == "ok"
+                                               for s in self.report.steps)]
+        start = time.perf_counter()
+        if missing:
+            status, detail, data = "skipped", f"needs the {', '.join(missing)} step", {}
+        else:
+            self.progress(f"[{index}] {name} ...")
+            try:
+                status, detail, data = fn()
+            except Exception as exc:  # noqa: BLE001 - recorded in the report, never swallowed
+                status, detail, data = "failed", f"{type(exc).__name__}: {exc}"[:600], {}
+        self.report.steps.append(StepResult(name, status, time.perf_counter() - start,
+                                            detail, data))
+        self.progress(f"[{index}] {name}: {status}: {detail}")
+        self.write()
+
+    # -- steps -----------------------------------------------------------------------------
+    def load(self) -> StepOutcome:
+        kwargs = {} if self.o.model == DIGITS_MODEL else {"kernel_num": self.o.kernel_num}
+        self.loaded = load_zoo_model(self.o.model, checkpoint=self.o.checkpoint,
+                                     seed=self.o.seed, **kwargs)
+        return "ok", f"{self.o.model}, weights: {self.loaded.weights}", {}
+
+    def convert(self) -> StepOutcome:
+        result = convert_model(self.loaded.model, strategy=self.o.strategy)
+        self.deploy = result.model
+        worst = max(layer.max_abs_error for layer in result.layers)
+        data: dict[str, object] = {"layers": len(result.layers),
+                                   "folded_batchnorms": result.folded_bn_count,
+                                   "worst_layer_error_fp64": worst}
+        spec = self.loaded.io_spec
+        for batch in (1, 3):
+            (x,) = spec.sample_inputs(batch, seed=batch)
+            with torch.no_grad():
+                ref, got = self.loaded.model(x), self.deploy(x)
+            err = (ref - got).abs().max().item()
+            data[f"model_max_abs_error_fp32_batch{batch}"] = err
+            if not err <= FP32_MODEL_RTOL * max(1.0, ref.abs().max().item()):
+                return "failed", f"deploy form differs at batch {batch}: {err:.2e}", data
+        with atomic_output(self.out / f"{self.o.model}_deploy.pt", overwrite=True) as tmp:
+            torch.save({"state_dict": self.deploy.state_dict(), "model": self.o.model,
+                        "strategy": self.o.strategy}, tmp)
+        return "ok", (f"{len(result.layers)} ODConv layers -> '{self.o.strategy}', "
+                      f"{result.folded_bn_count} BatchNorms folded; worst layer error (float64) "
+                      f"{worst:.1e}; whole model (float32, batch 3) "
+                      f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
+
+    def export(self) -> StepOutcome:
+        from export import export_formats, parse_formats
+
+        self.exports = export_formats(
+            self.deploy, self.out / "artifacts", parse_formats(",".join(self.o.formats)),
+            stem=self.o.model, io_spec=self.loaded.io_spec, overwrite=self.o.overwrite,
+            progress=lambda s: self.progress(f"    {s}"))
+        rows = ["| format | file | MB | detail |", "|---|---|---|---|"]
+        for r in self.exports:
+            if not r.ok:
+                rows.append(f"| {r.format.value} | - | - | FAILED: {r.error} |")
+                continue
+            extra = "; ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in r.details.items()
+                              if k in ("nodes_before", "nodes_after", "max_rank",
+                                       "conv_matmul_macs_delegated_share", "max_batch_planned"))
+            rows.append(f"| {r.format.value} | `{r.path.name}` | "
+                        f"{r.file_size_bytes / 1e6:.1f} | {extra} |")
+            rows += [f"| | | | note: {n} |" for n in r.notes]
+        self.report.sections["Artifacts"] = "\n".join(rows)
+        failed = [r.format.value for r in self.exports if not r.ok]
+        data = {"artifacts": [r.to_dict() for r in self.exports]}
+        if failed:
+            return "failed", f"failed: {', '.join(failed)}", data
+        return "ok", ", ".join(f"{r.format.value} ({r.file_size_bytes / 1e6:.1f} MB)"
+                               for r in self.exports), data
+
+    def validate(self) -> StepOutcome:
+        from odconv_deploy.runners import TorchRunner
+        from odconv_deploy.validation.artifacts import accuracy_table, candidates_for
+        from odconv_deploy.validation.validate import validate
+
+        spec = self.loaded.io_spec
+        reference = TorchRunner(self.loaded.model, spec, name="torch (train form)")
+        candidates = candidates_for(self.exports, deploy_model=self.deploy, io_spec=spec)
+        report = validate(reference, candidates, spec, batches=(1, 3), seed=self.o.seed)
+        section = report.to_markdown()
+        data: dict[str, object] = {"validation": report.to_dict()}
+        if self.o.model == DIGITS_MODEL:
+            from odconv_deploy.digits import load_digits_splits
+
+            _, test = load_digits_splits()
+            rows = accuracy_table(reference, candidates_for(self.exports,
+                                                            deploy_model=self.deploy,
+                                                            io_spec=spec),
+                                  test.images, test.labels, batch=8)
+            data["accuracy"] = [asdict(r) for r in rows]
+            section += ("\n### Test accuracy (sklearn digits, 360 images)\n\n"
+                        "| runner | accuracy | agreement with PyTorch |\n|---|---|---|\n")
+            section += "\n".join(
+                f"| {r.runner} | {'-' if r.accuracy is None else f'{r.accuracy:.4f}'} | "
+                f"{'-' if r.agreement is None else f'{r.agreement:.4f}'} |"
+                + (f" skipped: {r.skipped}" if r.skipped else "") for r in rows)
+        self.report.sections["Validation"] = section
+        checks = len(report.comparisons)
+        failed = [f"{c.runner} b{c.batch}" for c in report.comparisons if not c]
+        detail = (f"{checks - len(failed)}/{checks} comparisons passed"
+                  + (f"; {len(report.skipped)} runner(s) skipped (see report)"
+                     if report.skipped else "")
+                  + (f"; input issues: {report.input_issues}" if report.input_issues else ""))
+        if failed or report.input_issues:
+            return "failed", detail + f"; FAILED: {', '.join(failed)}", data
+        return "ok", detail, data
+
+    def bench(self) -> StepOutcome:
+        from runtime_bench.bench import BenchConfig, run_benchmark
+        from runtime_bench.measure import MeasureSettings
+        from runtime_bench.report import to_markdown, write_report
+
+        settings = (MeasureSettings(warmup=2, iterations=5) if self.o.quick
+                    else MeasureSettings(warmup=3, iterations=15))
+        config = BenchConfig(model=self.o.model, kernel_num=self.o.kernel_num,
+                             checkpoint=self.o.checkpoint, backends=",".join(self.o.backends),
+                             batches=(1,), threads=(self.o.threads,), strategy=self.o.strategy,
+                             settings=settings, out=str(self.out / "bench"),
+                             overwrite=self.o.overwrite)
+        report = run_benchmark(config, progress=lambda s: self.progress(f"    {s}"))
+        write_report(report, self.out / "bench", overwrite=True)
+        self.report.sections["Latency"] = (to_markdown(report) + "\n![latency](bench/latency.png)"
+                                           "\n![ratio](bench/ratio.png)\n")
+        ratios = [f"{r.backend} {r.ratio_to_static['ratio_median']:.2f}x"
+                  for r in report.rows if r.role == "odconv" and r.ratio_to_static]
+        failed = [f"{r.backend}" for r in report.rows if r.status == "failed"]
+        data = {"rows": [asdict(r) for r in report.rows]}
+        if failed:
+            return "failed", f"failed on {', '.join(sorted(set(failed)))}", data
+        return "ok", "ratio to static twin: " + (", ".join(ratios) or "-"), data
 
 
 def run_pipeline(options: PipelineOptions, *,
                  progress: Callable[[str], None] = lambda _: None) -> PipelineReport:
-    """Run the main job and write ``report.md`` and ``report.json`` into ``options.out``.
-
-    Steps run in order; a failed step is recorded (not raised) and the report is still
-    written, so partial results survive.
-    """
-    out = Path(options.out)
-    check_writable(out / "report.json", overwrite=options.overwrite)
-    report = PipelineReport(options, environment=environment())
-
-    def step(name: str, fn: Callable[[], tuple[str, str, dict[str, object]]]) -> None:
-        progress(f"-> {name} ...")
-        start = time.perf_counter()
-        try:
-            status, detail, data = fn()
-        except Exception as exc:  # noqa: BLE001 - recorded in the report, never swallowed
-            status, detail, data = "failed", f"{type(exc).__name__}: {exc}", {}
-        report.steps.append(StepResult(name, status, time.perf_counter() - start, detail, data))
-        progress(f"   [{status}] {detail}")
-
-    state: dict[str, object] = {}
-
-    def load() -> tuple[str, str, dict[str, object]]:
-        loaded = load_zoo_model(options.model, checkpoint=options.checkpoint, seed=options.seed,
-                                kernel_num=options.kernel_num)
-        state["loaded"] = loaded
-        return "ok", f"{options.model} kernel_num={options.kernel_num}, {loaded.weights}", {}
-
-    def convert() -> tuple[str, str, dict[str, object]]:
-        loaded = state["loaded"]
-        result = convert_model(loaded.model, strategy=options.strategy)
-        state["deploy"] = result.model
-        worst = max(layer.max_abs_error for layer in result.layers)
-        figures: dict[str, object] = {"layers": len(result.layers),
-                                      "folded_batchnorms": result.folded_bn_count,
-                                      "worst_layer_error_fp64": worst}
-        size = 160 if options.quick else 224
-        for batch in (1, 3):
-            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
-            with torch.no_grad():
-                ref, got = loaded.model(x), result.model(x)
-            err = (ref - got).abs().max().item()
-            figures[f"model_max_abs_error_fp32_batch{batch}"] = err
-            if not err <= FP32_MODEL_RTOL * max(1.0, ref.abs().max().item()):
-                return "failed", f"deploy form differs at batch {batch}: {err:.2e}", figures
-        return "ok", (f"{len(result.layers)} layers -> '{options.strategy}', "
-                      f"{result.folded_bn_count} BNs folded, worst layer error (fp64) "
-                      f"{worst:.1e}, whole model (fp32) "
-                      f"{figures['model_max_abs_error_fp32_batch3']:.1e}"), figures
-
-    step("load", load)
-    if report.ok:
-        step("convert", convert)
-    with atomic_output(out / "report.json", overwrite=True) as tmp:
-        tmp.write_text(report.to_json())
-    with atomic_output(out / "report.md", overwrite=True) as tmp:
-        tmp.write_text(report.to_markdown())
-    return report
+    """Run the main job and write ``report.md``, ``report.json``, plots and artifacts."""
+    check_writable(Path(options.out) / "report.json", overwrite=options.overwrite)
+    run = _Pipeline(options, progress)
+    run.step("load", run.load)
+    run.step("convert", run.convert, needs=("load",))
+    run.step("export", run.export, needs=("convert",))
+    run.step("validate", run.validate, needs=("convert",))
+    run.step("benchmark", run.bench, needs=("load",))
+    return run.report

@@ -1,0 +1,127 @@
+"""The performance targets of the project (issue: ODConv close to its static twin).
+
+Runs each target row with the benchmark harness (interleaved A/B rounds against the static
+twin, 224x224, medians) at 1 and 2 threads and writes ``perf_targets.{json,md}``::
+
+    python -m runtime_bench.perf_targets --out runtime_bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from odconv_deploy._atomic import atomic_output
+from runtime_bench.bench import BenchConfig, run_benchmark
+from runtime_bench.measure import MeasureSettings
+from runtime_bench.probe import machine_info
+
+
+@dataclass(frozen=True)
+class Target:
+    """One row of the target table."""
+
+    model: str
+    kernel_num: int
+    backend: str
+    batch: int
+    target_ratio: float
+
+
+TARGETS = (
+    Target("od_resnet18", 4, "ort", 1, 1.3),
+    Target("od_resnet18", 1, "ort", 1, 1.15),
+    Target("od_mobilenetv2_100", 4, "ort", 1, 1.5),
+    Target("od_resnet18", 4, "ort", 8, 1.3),
+    Target("od_resnet18", 4, "pte", 1, 1.1),
+    Target("od_mobilenetv2_100", 4, "pte", 1, 1.3),
+)
+
+
+def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
+                strategy: str) -> list[dict[str, object]]:
+    """Measure every target row; returns one record per (row, threads)."""
+    records = []
+    for target in TARGETS:
+        start = time.perf_counter()
+        config = BenchConfig(model=target.model, kernel_num=target.kernel_num,
+                             backends=target.backend, batches=(target.batch,), threads=threads,
+                             strategy=strategy, settings=settings,
+                             out=str(out / "work" / f"{target.model}_k{target.kernel_num}"),
+                             overwrite=True)
+        report = run_benchmark(config, progress=lambda s: print(f"   {s}", flush=True))
+        for row in report.rows:
+            if row.role != "odconv":
+                continue
+            twin = next(r for r in report.rows if r.role == "static" and r.backend == row.backend
+                        and r.batch == row.batch and r.threads == row.threads)
+            ratio = row.ratio_to_static.get("ratio_median")
+            records.append({
+                **asdict(target), "threads": row.threads, "status": row.status,
+                "reason": row.reason, "odconv_median_ms": row.latency.get("median_ms"),
+                "odconv_iqr_ms": row.latency.get("iqr_ms"),
+                "static_median_ms": twin.latency.get("median_ms"),
+                "ratio": ratio, "ratio_q25": row.ratio_to_static.get("ratio_q25"),
+                "ratio_q75": row.ratio_to_static.get("ratio_q75"),
+                "met": ratio is not None and ratio <= target.target_ratio,
+                "floor_ms": row.floor_ms, "achieved_gflops": row.achieved_gflops,
+                "weight_mb": row.weight_mb,
+                "delegated_share": next((a["details"].get("conv_matmul_macs_delegated_share")
+                                         for a in report.artifacts
+                                         if a["format"] == "pte" and target.model in
+                                         str(a["path"])), None),
+            })
+        print(f"{target} done in {time.perf_counter() - start:.0f} s", flush=True)
+    return records
+
+
+def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> str:
+    """The target table with measured ratios."""
+    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores); torch {machine['torch']}, "
+             f"onnxruntime {machine['onnxruntime']}, executorch {machine['executorch']}.",
+             "Ratio = median of interleaved A/B rounds (ODConv deploy graph / static twin), "
+             "IQR in brackets; latencies are per batch.", "",
+             "| graph | runtime | batch | threads | ODConv ms | static ms | ratio | target | met | "
+             "floor ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} k={r['kernel_num']} | {r['backend']} | {r['batch']} "
+                         f"| {r['threads']} | {r['status']}: {str(r['reason'])[:80]} | | | "
+                         f"{r['target_ratio']} | no | |")
+            continue
+        lines.append(
+            f"| {r['model']} k={r['kernel_num']} | {r['backend']} | {r['batch']} | "
+            f"{r['threads']} | {r['odconv_median_ms']:.1f} | {r['static_median_ms']:.1f} | "
+            f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}-{r['ratio_q75']:.2f}) | "
+            f"<= {r['target_ratio']} | {'yes' if r['met'] else 'no'} | {r['floor_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Run the target table and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runtime_bench/results"))
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--strategy", default="im2col")
+    args = parser.parse_args()
+    threads = tuple(int(t) for t in args.threads.split(","))
+    settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations)
+    machine = machine_info()
+    records = run_targets(args.out, threads, settings, args.strategy)
+    payload = {"machine": machine, "settings": asdict(settings), "strategy": args.strategy,
+               "threads": threads, "records": records}
+    with atomic_output(args.out / "perf_targets.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+    with atomic_output(args.out / "perf_targets.md", overwrite=True) as tmp:
+        tmp.write_text(to_markdown(records, machine))
+    print(to_markdown(records, machine))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The main job end to end: report contents, partial results, exit codes."""
+
+import json
+
+import pytest
+
+import export.run as export_run
+from odconv_deploy.cli import main
+from odconv_deploy.pipeline import PipelineOptions, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["run", "--model", "od_tinynet_digits", "--quick", "--formats",
+                 "onnx,onnx-sim,ort,pte", "--backends", "ort,pte", "--out", str(out)])
+    return code, out
+
+
+def test_run_writes_complete_report(digits_run):
+    code, out = digits_run
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is True
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["load", "convert", "export", "validate", "benchmark"]
+    assert all(s["status"] == "ok" for s in steps.values())
+    assert steps["convert"]["data"]["worst_layer_error_fp64"] < 1e-10
+    accuracy = steps["validate"]["data"]["accuracy"]
+    assert accuracy[0]["accuracy"] > 0.95 and all(r["agreement"] >= 0.99 for r in accuracy)
+    md = (out / "report.md").read_text()
+    for heading in ("## Artifacts", "## Validation", "### Test accuracy", "## Latency",
+                    "## Environment"):
+        assert heading in md
+    assert (out / "artifacts" / "od_tinynet_digits.ort").is_file()
+    assert (out / "bench" / "latency.png").is_file()
+    assert (out / "od_tinynet_digits_deploy.pt").is_file()
+
+
+def test_existing_report_is_not_overwritten(digits_run, capsys):
+    _, out = digits_run
+    assert main(["run", "--model", "od_tinynet_digits", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_failed_step_is_recorded_and_later_steps_still_run(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated converter crash")
+
+    monkeypatch.setattr(export_run, "export_ort", broken)
+    options = PipelineOptions(model="od_tinynet", kernel_num=2, quick=True,
+                              formats=("onnx", "onnx-sim", "ort"), backends=("torch",),
+                              out=str(tmp_path))
+    report = run_pipeline(options)
+    assert not report.ok
+    steps = {s.name: s for s in report.steps}
+    assert steps["export"].status == "failed" and "ort" in steps["export"].detail
+    assert steps["validate"].status == "ok" and steps["benchmark"].status == "ok"
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["ok"] is False
+    assert "simulated converter crash" in (tmp_path / "report.md").read_text()
