@@ -69,6 +69,24 @@ def conv_matmul_macs(graph_module: torch.fx.GraphModule) -> tuple[int, Counter]:
     return total, names
 
 
+def _restore_batch_range(edge: object, max_batch: int) -> None:
+    """Undo a batch-range narrowing that lowering convs to XNNPACK introduces.
+
+    PyTorch's fake conv kernel guards ``batch < 16`` while choosing a conv backend; the
+    guard narrows the shared range of the batch symbol, and ExecuTorch then plans memory for
+    batch <= 15 whatever the declared maximum. The guard only affects fake-tensor backend
+    selection, not the numbers, so the declared range is restored before memory planning.
+    (The planned bound is still read back from the program and reported.)
+    """
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    for node in edge.exported_program().graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+            sym = val.shape[0].node
+            sym.shape_env.var_to_range[sym.expr] = ValueRanges(1, max_batch)
+
+
 def _planned_batch(path: os.PathLike) -> int:
     """Largest batch the program's memory plan holds (read from the first input's sizes)."""
     from executorch.runtime import Runtime
@@ -137,6 +155,8 @@ def export_executorch(
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             lowered = edge.exported_program().graph_module
             info = get_delegation_info(lowered)
+            if dynamic_batch:
+                _restore_batch_range(edge, max_batch)
             program = edge.to_executorch()
     except Exception as exc:
         raise ExportError(f"ExecuTorch lowering of {prepared.name} failed: {root_cause(exc)}"
