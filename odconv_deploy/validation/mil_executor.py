@@ -1,0 +1,1140 @@
+"""Reference executor for CoreML ML Programs: run the MIL program op by op in NumPy.
+
+CoreML's ``predict`` needs macOS. This module lets Linux users check that a converted
+``mlprogram`` computes the right numbers: it walks the program's MIL operations in program
+order, keeps a table ``var name -> np.ndarray`` and evaluates every op with a small NumPy
+kernel (a dict ``op_type -> function``). Unknown ops fail loudly
+(:class:`UnsupportedMILOpError`, raised before anything runs); no op is ever skipped.
+
+Numerics (the documented choice):
+
+- Every value is stored in the dtype its MIL var declares: ``fp16`` vars hold
+  ``np.float16`` arrays, ``fp32`` vars ``np.float32``, ``int32`` vars ``np.int32``, and so on.
+  Inputs are cast to the declared input dtype (iOS16+ fp16 programs take fp16 inputs).
+- Float kernels read their (already rounded) inputs as ``float32``, compute in ``float32`` and
+  round the result once to the output var's dtype. For element-wise ops this equals native
+  fp16 arithmetic (``float32`` holds the exact fp16 result before the final rounding). For
+  numerically heavy ops (conv, linear, matmul, reductions such as reduce_mean/reduce_sum,
+  softmax, normalizations, pooling) it models Core ML's fp16 path, which accumulates in higher
+  precision but stores fp16 tensors. Real hardware (GPU / Neural Engine) may accumulate
+  differently, so compare fp16 results with an fp16-sized tolerance (a few 1e-2 relative).
+- Padding ``same`` for conv and pooling follows the TensorFlow rule that coremltools' shape
+  inference uses: total padding ``max((ceil(d/s) - 1)*s + (k - 1)*dil + 1 - d, 0)``, the odd
+  element after (``same``) or before (``same_lower``).
+- ``avg_pool`` with ``ceil_mode``: window elements that fall beyond the explicit padding are
+  never counted; explicit padding is counted unless ``exclude_padding_from_average``.
+- ``cast`` from float to integer, and ``real_div`` on integers (shape arithmetic), truncate
+  toward zero (the quotient is cast to the declared integer dtype).
+- Flexible dims are checked for consistency between inputs, not against the ``RangeDim``
+  bounds (those live in the model description, not in the MIL program).
+
+Typical use::
+
+    from odconv_deploy.validation.mil_executor import execute_mil
+    outputs = execute_mil(mlmodel_or_mlpackage_path, {"image": batch})  # {"logits": array}
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from odconv_deploy.errors import InputShapeError, ODConvDeployError, require_backend
+
+if TYPE_CHECKING:  # coremltools is an optional backend; import it only where it is used
+    from coremltools.converters.mil.mil import Function, Operation, Program, Var
+
+__all__ = [
+    "SUPPORTED_OPS",
+    "MILExecutionError",
+    "MILExecutor",
+    "MILProgramError",
+    "UnsupportedMILOpError",
+    "execute_mil",
+    "load_mil_program",
+]
+
+
+class UnsupportedMILOpError(ODConvDeployError, NotImplementedError):
+    """The MIL program holds op types that the reference executor has no kernel for."""
+
+
+class MILProgramError(ODConvDeployError, ValueError):
+    """A source that is not a loadable ML Program, or a function that it does not contain."""
+
+
+class MILExecutionError(ODConvDeployError, RuntimeError):
+    """An op failed while executing, or produced a value that contradicts its declared type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+#: Where an ``.mlpackage`` keeps the weight blobs of an ML Program.
+_WEIGHTS_SUBDIR = os.path.join("Data", "com.apple.CoreML", "weights")
+
+
+def _coremltools() -> Any:
+    return require_backend("coremltools", extra="coreml", purpose="The MIL reference executor")
+
+
+def _program_from_spec(spec: Any, weights_dir: str, what: str) -> Program:
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise MILProgramError(
+            f"{what} is a '{spec.WhichOneof('Type')}' model; expected an ML Program "
+            "(convert with convert_to='mlprogram')."
+        )
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    return milproto_load(spec, spec.specificationVersion, weights_dir)
+
+
+def load_mil_program(source: Any) -> Program:
+    """The MIL program of a converted CoreML model.
+
+    Args:
+        source: A coremltools ``MLModel`` (its in-memory ``_mil_program`` is used when present,
+            otherwise its spec and weights are read), a path to a saved ``.mlpackage``, or a
+            MIL ``Program`` (returned unchanged).
+
+    Returns:
+        The ``coremltools.converters.mil.mil.Program``. For a path, the spec is read with
+        ``MLModel(path, skip_model_load=True)`` (works on Linux) and the program is rebuilt
+        with coremltools' milproto loader, weights resolved from the package's
+        ``Data/com.apple.CoreML/weights`` folder.
+
+    Raises:
+        MILProgramError: The path does not exist, or the model is not an ML Program.
+        MissingBackendError: coremltools is not installed.
+    """
+    ct = _coremltools()
+    from coremltools.converters.mil.mil import Program
+
+    if isinstance(source, Program):
+        return source
+    if isinstance(source, ct.models.MLModel):
+        program = getattr(source, "_mil_program", None)
+        if program is not None:
+            return program
+        weights_dir = getattr(source, "weights_dir", None) or ""
+        return _program_from_spec(source.get_spec(), weights_dir, "The MLModel")
+    if not isinstance(source, (str, os.PathLike)):
+        raise MILProgramError(
+            f"Cannot load a MIL program from {type(source).__name__}; expected a coremltools "
+            "MLModel, a MIL Program or a path to a .mlpackage."
+        )
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise MILProgramError(f"No CoreML model at '{path}'; expected a saved .mlpackage.")
+    model = ct.models.MLModel(path, skip_model_load=True)
+    weights_dir = os.path.join(path, _WEIGHTS_SUBDIR)
+    if not os.path.isdir(weights_dir):
+        weights_dir = getattr(model, "weights_dir", None) or ""
+    return _program_from_spec(model.get_spec(), weights_dir, f"'{path}'")
+
+
+# --------------------------------------------------------------------------------------------
+# Op context: how kernels read their inputs
+# --------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _as_value(value: Any) -> Any:
+    """A MIL value as a NumPy array (strings stay strings)."""
+    if isinstance(value, str):
+        return value
+    return np.asarray(value)
+
+
+def _floating(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating)
+
+
+class _OpContext:
+    """The inputs of one op, resolved to NumPy values."""
+
+    def __init__(self, op: Operation, lookup: Callable[[Var], Any]) -> None:
+        self.op = op
+        self._lookup = lookup
+
+    def has(self, name: str) -> bool:
+        return self.op.inputs.get(name) is not None
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        """The value of input ``name`` (``default`` when the optional input is absent)."""
+        var = self.op.inputs.get(name)
+        if var is None:
+            if default is _MISSING:
+                raise MILExecutionError(f"required input '{name}' is missing")
+            return default
+        if isinstance(var, (tuple, list)):
+            return [self._lookup(v) for v in var]
+        return self._lookup(var)
+
+    def tensor(self, name: str, default: Any = _MISSING) -> np.ndarray:
+        """Input ``name`` as an array; floating values are widened to float32 for compute."""
+        value = self.raw(name, default)
+        if value is None:
+            return value
+        a = np.asarray(value)
+        return a.astype(np.float32) if _floating(a) else a
+
+    def tensors(self, name: str) -> list[np.ndarray]:
+        """A variadic (tuple) input as a list of arrays, floats widened to float32."""
+        out = []
+        for value in self.raw(name):
+            a = np.asarray(value)
+            out.append(a.astype(np.float32) if _floating(a) else a)
+        return out
+
+    def ints(self, name: str, default: Any = _MISSING) -> list[int] | None:
+        """Input ``name`` as a flat list of Python ints (``None`` stays ``None``)."""
+        value = self.raw(name, default)
+        if value is None:
+            return None
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+
+    def int(self, name: str, default: Any = _MISSING) -> int:
+        value = self.raw(name, default)
+        return int(np.asarray(value).reshape(-1)[0])
+
+    def float(self, name: str, default: Any = _MISSING) -> float:
+        value = self.raw(name, default)
+        return float(np.asarray(value).reshape(-1)[0])
+
+    def bool(self, name: str, default: Any = _MISSING) -> bool:
+        value = self.raw(name, default)
+        return bool(np.asarray(value).reshape(-1)[0])
+
+    def bools(self, name: str, rank: int) -> list[bool]:
+        value = self.raw(name, None)
+        if value is None:
+            return [False] * rank
+        return [bool(v) for v in np.asarray(value).reshape(-1)]
+
+    def str(self, name: str, default: Any = _MISSING) -> str:
+        value = self.raw(name, default)
+        return value if isinstance(value, str) else str(np.asarray(value).reshape(-1)[0])
+
+
+Kernel = Callable[[_OpContext], Any]
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _k_const(ctx: _OpContext) -> Any:
+    value = ctx.op.outputs[0].val
+    if value is None:
+        raise MILExecutionError("const op has no compile-time value")
+    return _as_value(value)
+
+
+_CAST_DTYPES = {
+    "fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8,
+    "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32,
+    "int64": np.int64, "uint32": np.uint32, "bool": np.bool_,
+}
+
+
+def _k_cast(ctx: _OpContext) -> np.ndarray:
+    dtype = ctx.str("dtype")
+    if dtype not in _CAST_DTYPES:
+        raise MILExecutionError(f"cast to unknown dtype '{dtype}'")
+    return np.asarray(ctx.raw("x")).astype(_CAST_DTYPES[dtype])
+
+
+def _k_identity(ctx: _OpContext) -> np.ndarray:
+    return np.asarray(ctx.raw("x"))
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Kernel:
+    def kernel(ctx: _OpContext) -> np.ndarray:
+        return fn(ctx.tensor("x"), ctx.tensor("y"))
+
+    return kernel
+
+
+def _unary(fn: Callable[[np.ndarray], np.ndarray]) -> Kernel:
+    def kernel(ctx: _OpContext) -> np.ndarray:
+        return fn(ctx.tensor("x"))
+
+    return kernel
+
+
+def _real_div(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    # int / int (shape arithmetic): the quotient is cast to the declared int dtype, truncating.
+    return np.true_divide(x, y)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free logistic
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _erf_array(x: np.ndarray) -> np.ndarray:
+    return np.asarray(_erf(x), dtype=np.float64).astype(x.dtype)
+
+
+def _k_gelu(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    mode = ctx.str("mode", "EXACT")
+    if mode == "EXACT":
+        return 0.5 * x * (1.0 + _erf_array(x / np.float32(math.sqrt(2.0))))
+    if mode == "TANH_APPROXIMATION":
+        inner = np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x ** 3)
+        return 0.5 * x * (1.0 + np.tanh(inner))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x * _sigmoid(np.float32(1.702) * x)
+    raise MILExecutionError(f"gelu mode '{mode}' is not one of EXACT, TANH_APPROXIMATION, "
+                            "SIGMOID_APPROXIMATION")
+
+
+def _k_clip(ctx: _OpContext) -> np.ndarray:
+    return np.minimum(np.maximum(ctx.tensor("x"), ctx.tensor("alpha")), ctx.tensor("beta"))
+
+
+def _k_threshold(ctx: _OpContext) -> np.ndarray:
+    return np.maximum(ctx.tensor("x"), ctx.tensor("alpha"))
+
+
+def _k_leaky_relu(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    return np.where(x >= 0, x, ctx.tensor("alpha") * x)
+
+
+def _k_elu(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    return np.where(x > 0, x, ctx.tensor("alpha") * np.expm1(np.minimum(x, 0)))
+
+
+def _channel_param(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """A per-channel ``[C]`` parameter broadcast against ``x`` of shape ``[B, C, *D]``."""
+    if p.ndim == 0 or x.ndim < 2:
+        return p
+    return p.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _k_prelu(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    alpha = _channel_param(x, ctx.tensor("alpha"))
+    return np.where(x >= 0, x, alpha * x)
+
+
+def _k_clamped_relu(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    return np.minimum(np.where(x >= 0, x, ctx.tensor("alpha") * x), ctx.tensor("beta"))
+
+
+def _k_thresholded_relu(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    return np.where(x >= ctx.tensor("alpha"), x, np.zeros_like(x))
+
+
+def _k_linear_activation(ctx: _OpContext) -> np.ndarray:
+    return ctx.tensor("alpha") * ctx.tensor("x") + ctx.tensor("beta")
+
+
+def _k_sigmoid_hard(ctx: _OpContext) -> np.ndarray:
+    return np.clip(ctx.tensor("alpha") * ctx.tensor("x") + ctx.tensor("beta"), 0.0, 1.0)
+
+
+def _k_scaled_tanh(ctx: _OpContext) -> np.ndarray:
+    return ctx.tensor("alpha") * np.tanh(ctx.tensor("beta") * ctx.tensor("x"))
+
+
+def _k_softplus_parametric(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    alpha = _channel_param(x, ctx.tensor("alpha"))
+    beta = _channel_param(x, ctx.tensor("beta"))
+    return alpha * np.logaddexp(0.0, beta * x)
+
+
+def _eps_unary(fn: Callable[[np.ndarray, np.float32], np.ndarray], eps: float) -> Kernel:
+    def kernel(ctx: _OpContext) -> np.ndarray:
+        return fn(ctx.tensor("x"), np.float32(ctx.float("epsilon", eps)))
+
+    return kernel
+
+
+def _k_softmax(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    axis = ctx.int("axis", -1)
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _reduce_axes(ctx: _OpContext, rank: int) -> tuple[int, ...]:
+    axes = ctx.ints("axes", None)
+    if axes is None:
+        return tuple(range(rank))
+    return tuple(sorted(_axis(a, rank) for a in axes))
+
+
+def _reduction(fn: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> Kernel:
+    def kernel(ctx: _OpContext) -> np.ndarray:
+        x = ctx.tensor("x")
+        axes = _reduce_axes(ctx, x.ndim)
+        out = fn(x, axes)
+        if ctx.bool("keep_dims", False):
+            out = np.expand_dims(out, axes)
+        return out
+
+    return kernel
+
+
+def _reduce_arg(fn: Callable[..., np.ndarray]) -> Kernel:
+    def kernel(ctx: _OpContext) -> np.ndarray:
+        x = ctx.tensor("x")
+        axis = _axis(ctx.int("axis", -1), x.ndim)
+        out = fn(x, axis=axis)
+        if ctx.bool("keep_dims", False):
+            out = np.expand_dims(out, axis)
+        return out
+
+    return kernel
+
+
+def _k_linear(ctx: _OpContext) -> np.ndarray:
+    x, weight = ctx.tensor("x"), ctx.tensor("weight")
+    out = np.matmul(x, weight.T)
+    bias = ctx.tensor("bias", None)
+    return out if bias is None else out + bias
+
+
+def _k_matmul(ctx: _OpContext) -> np.ndarray:
+    x, y = ctx.tensor("x"), ctx.tensor("y")
+    if ctx.bool("transpose_x", False) and x.ndim >= 2:
+        x = np.swapaxes(x, -1, -2)
+    if ctx.bool("transpose_y", False) and y.ndim >= 2:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _k_einsum(ctx: _OpContext) -> np.ndarray:
+    return np.einsum(ctx.str("equation"), *ctx.tensors("values"))
+
+
+def _same_pads(sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               dilations: Sequence[int], lower: bool) -> list[int]:
+    pads = []
+    for d, k, s, dil in zip(sizes, kernel, strides, dilations, strict=True):
+        total = max((math.ceil(d / s) - 1) * s + (k - 1) * dil + 1 - d, 0)
+        small, large = total // 2, total - total // 2
+        pads += [large, small] if lower else [small, large]
+    return pads
+
+
+def _explicit_pads(ctx: _OpContext, sizes: Sequence[int], kernel: Sequence[int],
+                   strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+    """Per-side padding ``[before_0, after_0, ...]`` from ``pad_type`` and ``pad``."""
+    n = len(sizes)
+    pad_type = ctx.str("pad_type", "valid")
+    if pad_type == "valid":
+        return [0] * 2 * n
+    if pad_type == "custom":
+        pad = ctx.ints("pad", None) or [0] * 2 * n
+        if len(pad) != 2 * n:
+            raise MILExecutionError(f"pad has {len(pad)} values; expected {2 * n}")
+        return pad
+    if pad_type in ("same", "same_lower"):
+        return _same_pads(sizes, kernel, strides, dilations, pad_type == "same_lower")
+    raise MILExecutionError(f"pad_type '{pad_type}' is not one of valid, custom, same, "
+                            "same_lower")
+
+
+def _pad_spatial(x: np.ndarray, pads: Sequence[int], value: float) -> np.ndarray:
+    if not any(pads):
+        return x
+    n = len(pads) // 2
+    widths = [(0, 0)] * (x.ndim - n) + [(pads[2 * i], pads[2 * i + 1]) for i in range(n)]
+    return np.pad(x, widths, mode="constant", constant_values=value)
+
+
+def _taps(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
+          dilations: Sequence[int], out: Sequence[int]) -> Iterator[np.ndarray]:
+    """Views of the padded input ``xp`` (spatial dims last), one per kernel tap, row-major."""
+    n = len(kernel)
+    lead = (slice(None),) * (xp.ndim - n)
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        index = tuple(slice(o * dil, o * dil + (size - 1) * s + 1, s)
+                      for o, dil, s, size in zip(offsets, dilations, strides, out, strict=True))
+        yield xp[lead + index]
+
+
+def _k_conv(ctx: _OpContext) -> np.ndarray:
+    x, weight = ctx.tensor("x"), ctx.tensor("weight")
+    n = x.ndim - 2
+    kernel = list(weight.shape[2:])
+    strides = ctx.ints("strides", None) or [1] * n
+    dilations = ctx.ints("dilations", None) or [1] * n
+    groups = ctx.int("groups", 1)
+    batch, c_in = x.shape[:2]
+    c_out, cin_g = weight.shape[:2]
+    if c_in != cin_g * groups or c_out % groups:
+        raise MILExecutionError(f"conv: x has {c_in} channels, weight {tuple(weight.shape)}, "
+                                f"groups {groups}: channels do not match")
+    pads = _explicit_pads(ctx, x.shape[2:], kernel, strides, dilations)
+    xp = _pad_spatial(x, pads, 0.0)
+    out_sizes = [(xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+                 for i in range(n)]
+    if min(out_sizes) <= 0:
+        raise MILExecutionError(f"conv output would be empty: spatial {out_sizes}")
+    taps = math.prod(kernel)
+    pixels = math.prod(out_sizes)
+    # im2col, channel-major like the weight layout: cols[b, c*taps + t, p].
+    cols = np.stack(list(_taps(xp, kernel, strides, dilations, out_sizes)), axis=2)
+    cols = cols.reshape(batch, groups, cin_g * taps, pixels)
+    w = weight.reshape(groups, c_out // groups, cin_g * taps)
+    out = np.matmul(w, cols)  # [B, g, C_out/g, P]
+    out = out.reshape([batch, c_out] + out_sizes)
+    bias = ctx.tensor("bias", None)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * n)
+    return out
+
+
+def _pool_geometry(ctx: _OpContext, x: np.ndarray) -> tuple[list[int], list[int], list[int],
+                                                                list[int], list[int]]:
+    """kernel, strides, pads (explicit), extra right padding for ceil_mode, output sizes."""
+    kernel = ctx.ints("kernel_sizes")
+    n = len(kernel)
+    strides = ctx.ints("strides", None) or [1] * n
+    sizes = list(x.shape[-n:])
+    pads = _explicit_pads(ctx, sizes, kernel, strides, [1] * n)
+    ceil_mode = ctx.bool("ceil_mode", False)
+    out_sizes, extra = [], []
+    for i in range(n):
+        span = sizes[i] + pads[2 * i] + pads[2 * i + 1] - kernel[i]
+        if ceil_mode:
+            o = -(-span // strides[i]) + 1
+            if (o - 1) * strides[i] >= sizes[i] + pads[2 * i]:
+                o -= 1
+        else:
+            o = span // strides[i] + 1
+        out_sizes.append(o)
+        extra.append(max((o - 1) * strides[i] + kernel[i] - (span + kernel[i]), 0))
+    return kernel, strides, pads, extra, out_sizes
+
+
+def _pool(ctx: _OpContext, mode: str) -> np.ndarray:
+    x = ctx.tensor("x")
+    kernel, strides, pads, extra, out_sizes = _pool_geometry(ctx, x)
+    n = len(kernel)
+    full = [p for i in range(n) for p in (pads[2 * i], pads[2 * i + 1] + extra[i])]
+    ones = [1] * n
+    if mode == "max":
+        xp = _pad_spatial(x, full, -np.inf)
+        return np.maximum.reduce(list(_taps(xp, kernel, strides, ones, out_sizes)))
+    if mode == "l2":
+        xp = _pad_spatial(x * x, full, 0.0)
+        return np.sqrt(np.add.reduce(list(_taps(xp, kernel, strides, ones, out_sizes))))
+    xp = _pad_spatial(x, full, 0.0)
+    total = np.add.reduce(list(_taps(xp, kernel, strides, ones, out_sizes)))
+    # Count of window elements: inside x, plus explicit padding unless it is excluded.
+    exclude = ctx.bool("exclude_padding_from_average", False)
+    counted = np.ones(x.shape[-n:], dtype=np.float32)
+    counted = np.pad(counted, [(pads[2 * i], pads[2 * i + 1]) for i in range(n)],
+                     constant_values=0.0 if exclude else 1.0)
+    counted = np.pad(counted, [(0, e) for e in extra], constant_values=0.0)
+    count = np.add.reduce(list(_taps(counted, kernel, strides, ones, out_sizes)))
+    return total / np.maximum(count, 1.0)
+
+
+def _k_batch_norm(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    mean = _channel_param(x, ctx.tensor("mean"))
+    var = _channel_param(x, ctx.tensor("variance"))
+    out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
+    gamma, beta = ctx.tensor("gamma", None), ctx.tensor("beta", None)
+    if gamma is not None:
+        out = out * _channel_param(x, gamma)
+    if beta is not None:
+        out = out + _channel_param(x, beta)
+    return out
+
+
+def _k_instance_norm(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    axes = tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
+    gamma, beta = ctx.tensor("gamma", None), ctx.tensor("beta", None)
+    if gamma is not None:
+        out = out * _channel_param(x, gamma)
+    if beta is not None:
+        out = out + _channel_param(x, beta)
+    return out
+
+
+def _k_layer_norm(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    axes = _reduce_axes(ctx, x.ndim)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
+    # gamma/beta have the shape of the normalized (trailing) dims.
+    gamma, beta = ctx.tensor("gamma", None), ctx.tensor("beta", None)
+    if gamma is not None:
+        out = out * gamma
+    if beta is not None:
+        out = out + beta
+    return out
+
+
+def _k_reshape(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    shape = ctx.ints("shape")
+    if len(shape) == x.ndim:  # 0 copies the input dim (only when the ranks agree)
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _k_transpose(ctx: _OpContext) -> np.ndarray:
+    return np.transpose(np.asarray(ctx.raw("x")), ctx.ints("perm"))
+
+
+def _k_expand_dims(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    axes = ctx.ints("axes")
+    out_rank = x.ndim + len(axes)
+    shape = list(x.shape)
+    for a in sorted(_axis(a, out_rank) for a in axes):
+        shape.insert(a, 1)
+    return x.reshape(shape)
+
+
+def _k_squeeze(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    axes = ctx.ints("axes", None)
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(_axis(a, x.ndim) for a in axes))
+
+
+def _k_slice_by_index(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    rank = x.ndim
+    begin, end = ctx.ints("begin"), ctx.ints("end")
+    stride = ctx.ints("stride", None) or [1] * rank
+    begin_mask, end_mask = ctx.bools("begin_mask", rank), ctx.bools("end_mask", rank)
+    squeeze_mask = ctx.bools("squeeze_mask", rank)
+    index: list[slice | int] = []
+    for i in range(rank):
+        if squeeze_mask[i]:
+            index.append(begin[i])  # pure index (negative counts from the end)
+            continue
+        index.append(slice(None if begin_mask[i] else begin[i],
+                           None if end_mask[i] else end[i], stride[i]))
+    return np.asarray(x[tuple(index)])
+
+
+def _k_slice_by_size(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    begin, size = ctx.ints("begin"), ctx.ints("size")
+    index = []
+    for i, (b, s) in enumerate(zip(begin, size, strict=True)):
+        b = b + x.shape[i] if b < 0 else b
+        index.append(slice(b, None) if s == -1 else slice(b, b + s))
+    return x[tuple(index)]
+
+
+def _k_concat(ctx: _OpContext) -> np.ndarray:
+    values = [np.asarray(v) for v in ctx.raw("values")]
+    axis = ctx.int("axis")
+    if all(v.ndim == 0 for v in values):
+        return np.stack(values)
+    if ctx.bool("interleave", False):
+        axis = _axis(axis, values[0].ndim)
+        stacked = np.stack(values, axis=axis + 1)
+        shape = list(values[0].shape)
+        shape[axis] *= len(values)
+        return stacked.reshape(shape)
+    return np.concatenate(values, axis=axis)
+
+
+def _k_stack(ctx: _OpContext) -> np.ndarray:
+    return np.stack([np.asarray(v) for v in ctx.raw("values")], axis=ctx.int("axis"))
+
+
+def _k_split(ctx: _OpContext) -> list[np.ndarray]:
+    x = np.asarray(ctx.raw("x"))
+    axis = _axis(ctx.int("axis"), x.ndim)
+    sizes = ctx.ints("split_sizes", None)
+    if sizes is None:
+        num = ctx.int("num_splits")
+        if x.shape[axis] % num:
+            raise MILExecutionError(f"split: dim {x.shape[axis]} not divisible by {num}")
+        sizes = [x.shape[axis] // num] * num
+    bounds = np.cumsum(sizes)[:-1]
+    return np.split(x, bounds, axis=axis)
+
+
+def _k_pad(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    pad = ctx.ints("pad")
+    n = len(pad) // 2
+    widths = [(0, 0)] * (x.ndim - n) + [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    mode = ctx.str("mode", "constant")
+    if mode == "constant":
+        return np.pad(x, widths, mode="constant", constant_values=ctx.float("constant_val", 0.0))
+    if mode in ("reflect", "symmetric"):
+        return np.pad(x, widths, mode=mode)
+    if mode == "replicate":
+        return np.pad(x, widths, mode="edge")
+    raise MILExecutionError(f"pad mode '{mode}' is not one of constant, reflect, replicate")
+
+
+def _k_shape(ctx: _OpContext) -> np.ndarray:
+    return np.asarray(np.shape(ctx.raw("x")), dtype=np.int32)
+
+
+def _k_gather(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    indices = np.asarray(ctx.raw("indices")).astype(np.int64)
+    axis = _axis(ctx.int("axis", 0), x.ndim)
+    batch_dims = ctx.int("batch_dims", 0)
+    if np.any(indices < -x.shape[axis]) or np.any(indices >= x.shape[axis]):
+        raise MILExecutionError(f"gather indices out of range for dim {x.shape[axis]}")
+    if batch_dims == 0:
+        return np.take(x, indices, axis=axis)
+    batch_shape = x.shape[:batch_dims]
+    xs = x.reshape((-1,) + x.shape[batch_dims:])
+    idx = indices.reshape((-1,) + indices.shape[batch_dims:])
+    out = np.stack([np.take(a, i, axis=axis - batch_dims) for a, i in zip(xs, idx, strict=True)])
+    return out.reshape(batch_shape + out.shape[1:])
+
+
+def _k_gather_along_axis(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    indices = np.asarray(ctx.raw("indices")).astype(np.int64)
+    axis = _axis(ctx.int("axis", 0), x.ndim)
+    indices = np.where(indices < 0, indices + x.shape[axis], indices)
+    return np.take_along_axis(x, indices, axis=axis)
+
+
+def _k_gather_nd(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    indices = np.asarray(ctx.raw("indices")).astype(np.int64)
+    batch_dims = ctx.int("batch_dims", 0)
+    batch_shape = x.shape[:batch_dims]
+    xs = x.reshape((-1,) + x.shape[batch_dims:])
+    idx = indices.reshape((-1,) + indices.shape[batch_dims:])
+    outs = []
+    for a, i in zip(xs, idx, strict=True):
+        outs.append(a[tuple(np.moveaxis(i, -1, 0))])
+    return np.stack(outs).reshape(batch_shape + outs[0].shape)
+
+
+def _k_select(ctx: _OpContext) -> np.ndarray:
+    return np.where(np.asarray(ctx.raw("cond")).astype(bool), ctx.tensor("a"), ctx.tensor("b"))
+
+
+def _k_tile(ctx: _OpContext) -> np.ndarray:
+    return np.tile(np.asarray(ctx.raw("x")), ctx.ints("reps"))
+
+
+def _k_fill(ctx: _OpContext) -> np.ndarray:
+    return np.full(ctx.ints("shape"), ctx.tensor("value", np.float32(0.0)))
+
+
+def _k_fill_like(ctx: _OpContext) -> np.ndarray:
+    return np.full(np.shape(ctx.raw("ref_tensor")), ctx.tensor("value", np.float32(0.0)))
+
+
+def _k_range_1d(ctx: _OpContext) -> np.ndarray:
+    return np.arange(ctx.tensor("start"), ctx.tensor("end"), ctx.tensor("step"))
+
+
+def _k_flatten2d(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    axis = _axis(ctx.int("axis", 1), x.ndim)
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+def _k_cumsum(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    axis = ctx.int("axis", 0)
+    if ctx.bool("reverse", False):
+        x = np.flip(x, axis)
+    out = np.cumsum(x, axis=axis)
+    if ctx.bool("exclusive", False):
+        out = out - x
+    if ctx.bool("reverse", False):
+        out = np.flip(out, axis)
+    return out
+
+
+def _k_reverse(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    axes = ctx.ints("axes", None)
+    return np.flip(x, axis=None if axes is None else tuple(axes))
+
+
+def _k_pixel_shuffle(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    r = ctx.int("upscale_factor")
+    b, c, h, w = x.shape
+    x = x.reshape(b, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c // (r * r), h * r, w * r)
+
+
+def _k_band_part(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    lower, upper = ctx.int("lower", -1), ctx.int("upper", -1)
+    rows, cols = np.indices(x.shape[-2:])
+    keep = np.ones(x.shape[-2:], dtype=bool)
+    if lower >= 0:
+        keep &= (rows - cols) <= lower
+    if upper >= 0:
+        keep &= (cols - rows) <= upper
+    return np.where(keep, x, np.zeros_like(x))
+
+
+def _logical(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Kernel:
+    def kernel(ctx: _OpContext) -> np.ndarray:
+        return fn(np.asarray(ctx.raw("x")).astype(bool), np.asarray(ctx.raw("y")).astype(bool))
+
+    return kernel
+
+
+_KERNELS: dict[str, Kernel] = {
+    # values and types
+    "const": _k_const,
+    "cast": _k_cast,
+    "identity": _k_identity,
+    # element-wise binary (NumPy broadcasting, as MIL)
+    "add": _binary(np.add),
+    "sub": _binary(np.subtract),
+    "mul": _binary(np.multiply),
+    "real_div": _binary(_real_div),
+    "floor_div": _binary(np.floor_divide),
+    "mod": _binary(np.mod),
+    "pow": _binary(np.power),
+    "maximum": _binary(np.maximum),
+    "minimum": _binary(np.minimum),
+    "equal": _binary(np.equal),
+    "not_equal": _binary(np.not_equal),
+    "greater": _binary(np.greater),
+    "greater_equal": _binary(np.greater_equal),
+    "less": _binary(np.less),
+    "less_equal": _binary(np.less_equal),
+    "logical_and": _logical(np.logical_and),
+    "logical_or": _logical(np.logical_or),
+    "logical_xor": _logical(np.logical_xor),
+    "logical_not": lambda ctx: np.logical_not(np.asarray(ctx.raw("x")).astype(bool)),
+    # element-wise unary and activations
+    "relu": _unary(lambda x: np.maximum(x, np.zeros((), x.dtype))),
+    "relu6": _unary(lambda x: np.clip(x, 0.0, 6.0).astype(x.dtype)),
+    "sigmoid": _unary(_sigmoid),
+    "silu": _unary(lambda x: x * _sigmoid(x)),
+    "tanh": _unary(np.tanh),
+    "softplus": _unary(lambda x: np.logaddexp(np.zeros((), x.dtype), x)),
+    "softsign": _unary(lambda x: x / (1.0 + np.abs(x))),
+    "gelu": _k_gelu,
+    "clip": _k_clip,
+    "threshold": _k_threshold,
+    "leaky_relu": _k_leaky_relu,
+    "elu": _k_elu,
+    "prelu": _k_prelu,
+    "clamped_relu": _k_clamped_relu,
+    "thresholded_relu": _k_thresholded_relu,
+    "linear_activation": _k_linear_activation,
+    "sigmoid_hard": _k_sigmoid_hard,
+    "scaled_tanh": _k_scaled_tanh,
+    "softplus_parametric": _k_softplus_parametric,
+    "abs": _unary(np.abs),
+    "sign": _unary(np.sign),
+    "square": _unary(np.square),
+    "sqrt": _unary(np.sqrt),
+    "exp": _unary(np.exp),
+    "exp2": _unary(np.exp2),
+    "floor": _unary(np.floor),
+    "ceil": _unary(np.ceil),
+    "round": _unary(np.round),
+    "sin": _unary(np.sin),
+    "cos": _unary(np.cos),
+    "tan": _unary(np.tan),
+    "asin": _unary(np.arcsin),
+    "acos": _unary(np.arccos),
+    "atan": _unary(np.arctan),
+    "sinh": _unary(np.sinh),
+    "cosh": _unary(np.cosh),
+    "atanh": _unary(np.arctanh),
+    "erf": _unary(_erf_array),
+    "log": _eps_unary(lambda x, eps: np.log(x + eps), 1e-45),
+    "rsqrt": _eps_unary(lambda x, eps: 1.0 / np.sqrt(x + eps), 1e-12),
+    "inverse": _eps_unary(lambda x, eps: 1.0 / (x + eps), 1e-4),
+    "softmax": _k_softmax,
+    # reductions (accumulated in float32)
+    "reduce_mean": _reduction(lambda x, a: np.mean(x, axis=a)),
+    "reduce_sum": _reduction(lambda x, a: np.sum(x, axis=a)),
+    "reduce_max": _reduction(lambda x, a: np.max(x, axis=a)),
+    "reduce_min": _reduction(lambda x, a: np.min(x, axis=a)),
+    "reduce_prod": _reduction(lambda x, a: np.prod(x, axis=a)),
+    "reduce_sum_square": _reduction(lambda x, a: np.sum(x * x, axis=a)),
+    "reduce_l1_norm": _reduction(lambda x, a: np.sum(np.abs(x), axis=a)),
+    "reduce_l2_norm": _reduction(lambda x, a: np.sqrt(np.sum(x * x, axis=a))),
+    "reduce_log_sum": _reduction(lambda x, a: np.log(np.sum(x, axis=a))),
+    "reduce_log_sum_exp": _reduction(
+        lambda x, a: np.log(np.sum(np.exp(x - np.max(x, axis=a, keepdims=True)), axis=a))
+        + np.max(x, axis=a)),
+    "reduce_argmax": _reduce_arg(np.argmax),
+    "reduce_argmin": _reduce_arg(np.argmin),
+    # linear algebra and convolution
+    "linear": _k_linear,
+    "matmul": _k_matmul,
+    "einsum": _k_einsum,
+    "conv": _k_conv,
+    "max_pool": lambda ctx: _pool(ctx, "max"),
+    "avg_pool": lambda ctx: _pool(ctx, "avg"),
+    "l2_pool": lambda ctx: _pool(ctx, "l2"),
+    # normalization
+    "batch_norm": _k_batch_norm,
+    "instance_norm": _k_instance_norm,
+    "layer_norm": _k_layer_norm,
+    # shape and data movement
+    "reshape": _k_reshape,
+    "transpose": _k_transpose,
+    "expand_dims": _k_expand_dims,
+    "squeeze": _k_squeeze,
+    "flatten2d": _k_flatten2d,
+    "slice_by_index": _k_slice_by_index,
+    "slice_by_size": _k_slice_by_size,
+    "concat": _k_concat,
+    "stack": _k_stack,
+    "split": _k_split,
+    "pad": _k_pad,
+    "shape": _k_shape,
+    "gather": _k_gather,
+    "gather_along_axis": _k_gather_along_axis,
+    "gather_nd": _k_gather_nd,
+    "select": _k_select,
+    "tile": _k_tile,
+    "fill": _k_fill,
+    "fill_like": _k_fill_like,
+    "range_1d": _k_range_1d,
+    "cumsum": _k_cumsum,
+    "reverse": _k_reverse,
+    "pixel_shuffle": _k_pixel_shuffle,
+    "band_part": _k_band_part,
+}
+
+#: Op types the executor has a kernel for.
+SUPPORTED_OPS: frozenset[str] = frozenset(_KERNELS)
+
+
+# --------------------------------------------------------------------------------------------
+# Executor
+# --------------------------------------------------------------------------------------------
+
+
+def _iter_ops(block: Any) -> Iterator[Operation]:
+    for op in block.operations:
+        yield op
+        for inner in getattr(op, "blocks", None) or []:
+            yield from _iter_ops(inner)
+
+
+def _is_int_dim(d: Any) -> bool:
+    return isinstance(d, (int, np.integer))
+
+
+class MILExecutor:
+    """Executes one function of a MIL program in NumPy (see the module docstring for numerics).
+
+    Args:
+        program: A MIL ``Program``, a coremltools ``MLModel`` or a path to a ``.mlpackage``
+            (anything :func:`load_mil_program` accepts).
+        function: Name of the function to run.
+
+    Raises:
+        MILProgramError: The program has no function of that name.
+    """
+
+    def __init__(self, program: Any, *, function: str = "main") -> None:
+        self.program = load_mil_program(program)  # raises MissingBackendError without coremltools
+        from coremltools.converters.mil.mil import types
+
+        if function not in self.program.functions:
+            raise MILProgramError(f"The MIL program has no function '{function}'; it has "
+                                  f"{sorted(self.program.functions)}.")
+        self.function_name = function
+        self._function: Function = self.program.functions[function]
+        self._types = types
+        self._kernels = _KERNELS
+
+    # -- description ---------------------------------------------------------------------
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the function's inputs, in declaration order."""
+        return list(self._function.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the function's outputs, in declaration order."""
+        return [v.name for v in self._function.outputs]
+
+    @property
+    def op_types(self) -> Counter[str]:
+        """``op_type -> count`` over the function, nested blocks included."""
+        return Counter(op.op_type for op in _iter_ops(self._function))
+
+    def check_supported(self) -> None:
+        """Raise if any op of the function has no kernel; nothing is executed.
+
+        Raises:
+            UnsupportedMILOpError: Names every unsupported op type (with counts) and lists the
+                supported ones.
+        """
+        missing = {t: n for t, n in self.op_types.items() if t not in self._kernels}
+        if missing:
+            found = ", ".join(f"{t} (x{n})" for t, n in sorted(missing.items()))
+            raise UnsupportedMILOpError(
+                f"The MIL function '{self.function_name}' uses op types the reference executor "
+                f"has no kernel for: {found}. Supported op types: "
+                f"{', '.join(sorted(self._kernels))}."
+            )
+
+    # -- execution -----------------------------------------------------------------------
+
+    def _np_dtype(self, var: Var) -> Any:
+        try:
+            return np.dtype(self._types.nptype_from_builtin(var.dtype))
+        except (KeyError, TypeError):
+            return None
+
+    def _prepare_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(inputs, dict):
+            raise InputShapeError(f"Inputs must be a dict name -> array; got "
+                                  f"{type(inputs).__name__}.")
+        expected = self._function.inputs
+        unknown = sorted(set(inputs) - set(expected))
+        missing = [n for n in expected if n not in inputs]
+        if unknown or missing:
+            raise InputShapeError(f"Input names {sorted(inputs)} do not match the program's "
+                                  f"inputs {list(expected)} (missing {missing}, unknown "
+                                  f"{unknown}).")
+        env: dict[str, np.ndarray] = {}
+        bound: dict[Any, int] = {}
+        for name, var in expected.items():
+            array = np.asarray(inputs[name])
+            shape = tuple(var.shape)
+            if array.ndim != len(shape):
+                raise InputShapeError(f"Input '{name}' has shape {array.shape}; the program "
+                                      f"expects rank {len(shape)} {shape}.")
+            for got, want in zip(array.shape, shape, strict=True):
+                if _is_int_dim(want):
+                    ok = got == int(want)
+                else:  # a symbol (flexible dim): consistent across inputs
+                    ok = bound.setdefault(want, got) == got and got > 0
+                if not ok:
+                    raise InputShapeError(f"Input '{name}' has shape {array.shape}; the "
+                                          f"program expects {shape}.")
+            dtype = self._np_dtype(var)
+            if dtype is None:
+                raise InputShapeError(f"Input '{name}' has MIL type {var.sym_type}, which has no "
+                                      "NumPy dtype; only tensor inputs are supported.")
+            if np.issubdtype(array.dtype, np.floating) != np.issubdtype(dtype, np.floating):
+                raise InputShapeError(f"Input '{name}' has dtype {array.dtype}; the program "
+                                      f"expects {dtype}.")
+            env[name] = array.astype(dtype, copy=False)
+        return env
+
+    def _finish(self, op: Operation, var: Var, value: Any) -> Any:
+        """Cast a kernel result to ``var``'s dtype and check it against ``var``'s shape."""
+        if isinstance(value, str):
+            return value
+        dtype = self._np_dtype(var)
+        value = np.asarray(value)
+        if dtype is not None and value.dtype != dtype:
+            value = value.astype(dtype)
+        shape = tuple(var.shape) if self._types.is_tensor(var.sym_type) else ()
+        if value.ndim != len(shape) or any(
+                _is_int_dim(want) and got != int(want)
+                for got, want in zip(value.shape, shape, strict=True)):
+            raise MILExecutionError(f"Op '{op.name}' ({op.op_type}) produced '{var.name}' of "
+                                    f"shape {value.shape}; the program declares {shape}.")
+        return value
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Execute the function on ``inputs``.
+
+        Args:
+            inputs: ``name -> array`` for every function input. Arrays are cast to the
+                declared dtype (fp16 for iOS16+ fp16 programs); flexible dims take any size.
+
+        Returns:
+            ``name -> array`` for every function output, in the dtype the program declares.
+
+        Raises:
+            UnsupportedMILOpError: An op type has no kernel (checked before running).
+            InputShapeError: Missing/unknown input names, or a shape or dtype mismatch.
+            MILExecutionError: An op failed, or produced a value of the wrong shape.
+        """
+        self.check_supported()
+        env: dict[str, Any] = self._prepare_inputs(inputs)
+        ops = list(self._function.operations)
+        outputs = set(self.output_names)
+        last_use: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            for value in op.inputs.values():
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    last_use[v.name] = i
+
+        def lookup(var: Var) -> Any:
+            if var.name in env:
+                return env[var.name]
+            if var.val is not None:
+                return _as_value(var.val)
+            raise MILExecutionError(f"Var '{var.name}' has no value: it is not produced before "
+                                    "use and is not a compile-time constant.")
+
+        for i, op in enumerate(ops):
+            try:
+                result = self._kernels[op.op_type](_OpContext(op, lookup))
+            except Exception as exc:  # name the op; keep the cause chained
+                raise MILExecutionError(f"Op '{op.name}' ({op.op_type}) failed: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+            results = result if isinstance(result, (list, tuple)) else [result]
+            if len(results) != len(op.outputs):
+                raise MILExecutionError(f"Op '{op.name}' ({op.op_type}) produced "
+                                        f"{len(results)} values; it declares {len(op.outputs)}.")
+            for var, value in zip(op.outputs, results, strict=True):
+                env[var.name] = self._finish(op, var, value)
+            for value in op.inputs.values():  # free intermediates after their last use
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    if last_use.get(v.name) == i and v.name not in outputs:
+                        env.pop(v.name, None)
+        return {name: env[name] for name in self.output_names}
+
+
+def execute_mil(source: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Load a converted model's MIL program and execute it once.
+
+    Args:
+        source: Anything :func:`load_mil_program` accepts (``MLModel``, ``.mlpackage`` path,
+            MIL ``Program``).
+        inputs: ``name -> array`` for every model input.
+
+    Returns:
+        ``name -> array`` for every model output.
+    """
+    return MILExecutor(source).run(inputs)
