@@ -71,6 +71,7 @@ def simplify_onnx(
     """
     onnx = require_backend("onnx", extra="onnx", purpose="ONNX simplification")
     onnxsim = require_backend("onnxsim", extra="onnx", purpose="ONNX simplification")
+    require_backend("onnxruntime", extra="onnx", purpose="Checking simplified ONNX")
     raw_path = fspath(source.path if isinstance(source, ExportResult) else source)
     path = fspath(path) if path is not None else raw_path.with_suffix(".sim.onnx")
     raw = onnx.load(str(raw_path))

@@ -65,7 +65,6 @@ def _export(prepared: PreparedModel, target: Path, opset: int, exporter: str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; errors still raise
         if exporter == "dynamo":
-            require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
             dims = tuple(
                 {a: torch.export.Dim(n if n == "batch" else f"{t.name}_{n}",
                                      min=1 if n == "batch" else 8, max=4096)
@@ -119,6 +118,8 @@ def export_onnx(
     onnx = require_backend("onnx", extra="onnx", purpose="ONNX export")
     if exporter not in EXPORTERS:
         raise ExportError(f"Unknown exporter {exporter!r}. Note: choose one of {EXPORTERS}.")
+    if exporter == "dynamo":
+        require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
     prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
                              name=name)
     if dynamic_batch and not dynamic_batch_supported(prepared):

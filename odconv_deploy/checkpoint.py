@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -66,8 +64,7 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, object]
             raise CheckpointError(f"Checkpoint {path!r} does not exist or is not a file.")
         try:
             source = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-                ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - corrupt pickles raise almost any type
             raise CheckpointError(
                 f"Checkpoint {path!r} cannot be read ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Note: the file "
@@ -82,6 +79,13 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, object]
         if isinstance(source.get(key), Mapping):
             source = source[key]
             break
+    bad_keys = [k for k, v in source.items() if isinstance(v, torch.Tensor)
+                and not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(
+            f"Checkpoint has tensors under non-string keys {bad_keys[:5]!r}; a state_dict maps "
+            "parameter names (strings) to tensors."
+        )
     tensors = {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(
@@ -128,7 +132,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     report = compare_keys(model, state_dict)
     if report:
         hint = ""
-        if any(k.endswith(".weight") and len(a) == 5 for k, a, _ in report.shape_mismatches):
+        if any((k == "weight" or k.endswith(".weight")) and len(a) == 5
+               for k, a, _ in report.shape_mismatches):
             hint = " Note: ODConv weight shapes differ; check kernel_num."
         elif report.missing and report.unexpected:
             hint = " Note: is this checkpoint from another architecture?"

@@ -146,14 +146,20 @@ def inspect_odconv(module: nn.Module, name: str = "") -> ODConvSpec:
                         else temperature)
     if not temperature > 0:
         raise UnsupportedLayerError(f"{layer}: temperature={temperature} must be > 0.")
+    geometry = {"stride": as_square(module.stride, "stride", layer),
+                "padding": as_square(module.padding, "padding", layer),
+                "dilation": as_square(module.dilation, "dilation", layer), "groups": groups}
+    for what, low in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)):
+        if geometry[what] < low:
+            raise UnsupportedLayerError(f"{layer}: {what}={geometry[what]} must be >= {low}.")
     return ODConvSpec(
         name=name,
         in_channels=in_channels,
         out_channels=out_channels,
         kernel_size=k_h,
-        stride=as_square(module.stride, "stride", layer),
-        padding=as_square(module.padding, "padding", layer),
-        dilation=as_square(module.dilation, "dilation", layer),
+        stride=geometry["stride"],
+        padding=geometry["padding"],
+        dilation=geometry["dilation"],
         groups=groups,
         kernel_num=kernel_num,
         temperature=temperature,

@@ -66,5 +66,5 @@ def test_wrong_channels_at_run_time_names_layer():
         layer(torch.randn(1, 5, 8, 8))
     with pytest.raises(InputShapeError, match="rank 3"):
         layer(torch.randn(8, 8, 8))
-    with pytest.raises(InputShapeError, match="floating-point"):
+    with pytest.raises(InputShapeError, match="dtype torch.int64; expected torch.float32"):
         layer(torch.ones(1, 8, 8, 8, dtype=torch.int64))

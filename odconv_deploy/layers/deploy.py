@@ -186,7 +186,8 @@ class ODConv2dDeploy(nn.Module):
         )
 
     def _check(self, x: torch.Tensor) -> None:
-        check_conv_input(x, self.in_channels, self.layer_name or type(self).__name__)
+        check_conv_input(x, self.in_channels, self.layer_name or type(self).__name__,
+                         self.weight.dtype)
 
     def _finish(self, out: torch.Tensor, filt: torch.Tensor | None) -> torch.Tensor:
         """Apply the filter attention ``[B, C_out]`` (if any) and the bias to the output."""

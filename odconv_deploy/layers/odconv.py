@@ -227,7 +227,7 @@ class ODConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Train-time forward (batch folded into conv groups, as in the reference)."""
-        check_conv_input(x, self.in_planes, self.layer_name or repr_head(self))
+        check_conv_input(x, self.in_planes, self.layer_name or repr_head(self), self.weight.dtype)
         att = self.attention(x)
         batch, _, height, width = x.shape
         x = x * att.channel
@@ -257,8 +257,12 @@ def repr_head(module: nn.Module) -> str:
     return f"{type(module).__name__}({module.extra_repr()})"
 
 
-def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
-    """Raise :class:`InputShapeError` unless ``x`` is a float ``[B, in_channels, H, W]`` tensor."""
+def check_conv_input(x: torch.Tensor, in_channels: int, layer: str,
+                     dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`InputShapeError` unless ``x`` fits the layer.
+
+    ``x`` must be ``[B, in_channels, H, W]`` of ``dtype`` (any floating dtype when None).
+    """
     if torch.jit.is_tracing():  # shapes are fixed by the exporter; avoid tracer warnings
         return
     if not isinstance(x, torch.Tensor):
@@ -273,7 +277,8 @@ def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
             f"{layer}: received {x.shape[1]} input channels (shape {tuple(x.shape)}); "
             f"expected {in_channels}."
         )
-    if not x.is_floating_point():
+    if not x.is_floating_point() or (dtype is not None and x.dtype != dtype):
         raise InputShapeError(
-            f"{layer}: received dtype {x.dtype}; expected a floating-point tensor."
+            f"{layer}: received dtype {x.dtype}; expected "
+            f"{dtype if dtype is not None else 'a floating-point tensor'}."
         )
