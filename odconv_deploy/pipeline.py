@@ -253,7 +253,7 @@ class _Pipeline:
                              checkpoint=self.o.checkpoint, backends=",".join(self.o.backends),
                              batches=(1,), threads=(self.o.threads,), strategy=self.o.strategy,
                              settings=settings, out=str(self.out / "bench"),
-                             overwrite=self.o.overwrite)
+                             overwrite=self.o.overwrite, reuse_artifacts=self.exports)
         report = run_benchmark(config, progress=lambda s: self.progress(f"    {s}"))
         write_report(report, self.out / "bench", overwrite=True)
         self.report.sections["Latency"] = (to_markdown(report) + "\n![latency](bench/latency.png)"

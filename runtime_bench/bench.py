@@ -36,6 +36,9 @@ class BenchConfig:
     settings: MeasureSettings = field(default_factory=MeasureSettings)
     out: str = "bench_out"
     overwrite: bool = False
+    #: Artifacts of the ODConv model already exported (e.g. by the pipeline) to reuse; the
+    #: formats missing here are exported.
+    reuse_artifacts: Sequence[ExportResult] = ()
 
 
 @dataclass
@@ -82,19 +85,22 @@ class BenchReport:
 
 
 def _prepare(loaded: LoadedModel, strategy: str, spec: IOSpec, formats: set[ExportFormat],
-             out: Path, overwrite: bool, progress: Callable[[str], None]
+             out: Path, overwrite: bool, progress: Callable[[str], None],
+             reuse: Sequence[ExportResult] = ()
              ) -> tuple[nn.Module, dict[ExportFormat, ExportResult]]:
     model = loaded.model
     if find_odconv_layers(model):
         model = convert_model(model, strategy=strategy).model
-    if ExportFormat.ORT in formats:
-        formats.add(ExportFormat.ONNX_SIMPLIFIED)
-    if not formats:
-        return model, {}
-    results = export_formats(model, out, sorted(formats, key=lambda f: f.value),
+    have = {r.format: r for r in reuse if r.ok and r.format in formats}
+    missing = formats - set(have)
+    if ExportFormat.ORT in missing:
+        missing.add(ExportFormat.ONNX_SIMPLIFIED)
+    if not missing:
+        return model, have
+    results = export_formats(model, out, sorted(missing, key=lambda f: f.value),
                              stem=f"{loaded.name}_{strategy}", io_spec=spec,
                              overwrite=overwrite, progress=progress)
-    return model, {r.format: r for r in results}
+    return model, {**{r.format: r for r in results}, **have}
 
 
 def _fill_figures(row: BenchRow, macs: int, weight_bytes: int, probe: MachineProbe) -> None:
@@ -130,8 +136,10 @@ def run_benchmark(config: BenchConfig, *, progress: Callable[[str], None] = lamb
     prepared = {}
     for role, item in (("odconv", loaded), ("static", twin)):
         progress(f"prepare {item.name} ({', '.join(sorted(f.value for f in formats)) or 'torch'})")
+        reuse = config.reuse_artifacts if role == "odconv" and size == loaded.io_spec.inputs[
+            0].shape[-1] else ()
         model, artifacts = _prepare(item, config.strategy, spec, set(formats), out / "artifacts",
-                                    config.overwrite, progress)
+                                    config.overwrite, progress, reuse)
         complexity = measure_complexity(model, spec.inputs[0].with_batch(1))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         prepared[role] = (item, model, artifacts, complexity.macs, weight_bytes)

@@ -50,7 +50,7 @@ class CoreMLRunner(Runner):
     def activate_impl(self) -> None:  # noqa: D102
         ok, why = coreml_predict_available()
         if not ok:
-            raise BackendUnavailableError(f"{self.name}: {why}.")
+            raise BackendUnavailableError(f"{why}.")
         ct = require_backend("coremltools", extra="coreml", purpose="The CoreML runner")
         units = getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_units])
         self.model = ct.models.MLModel(self.path, compute_units=units)
