@@ -216,10 +216,30 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, io_spec: IOS
     return PreparedModel(model, spec, name, strategy, converted)
 
 
-def dynamic_batch_supported(prepared: PreparedModel) -> bool:
-    """False when a deploy layer bakes the batch into exported graphs."""
-    return not any(isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch
-                   for m in prepared.model.modules())
+def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
+    """Refuse a dynamic batch when a deploy layer bakes the batch into exported graphs.
+
+    Args:
+        prepared: The prepared model.
+        option: The exporter's argument that turns the dynamic batch off (for the message).
+
+    Raises:
+        ExportError: Some layer's strategy cannot take a dynamic batch.
+    """
+    if any(isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch
+           for m in prepared.model.modules()):
+        raise ExportError(
+            f"Strategy {prepared.strategy!r} bakes the batch into exported graphs, so a "
+            f"dynamic batch is impossible. Note: pass {option}=False (CLI: --static-batch) "
+            "or use the 'im2col' or 'static_weight' strategy."
+        )
+
+
+def spec_shapes(tensors: tuple[TensorSpec, ...], dynamic_batch: bool
+                ) -> dict[str, list[int | str]]:
+    """Name -> shape of spec tensors, the batch axis as ``"batch"`` when it is dynamic."""
+    batch: list[int | str] = ["batch" if dynamic_batch else 1]
+    return {t.name: batch + list(t.shape[1:]) for t in tensors}
 
 
 def root_cause(exc: BaseException, limit: int = 400) -> str:
@@ -239,12 +259,11 @@ def artifact_result(fmt: ExportFormat, path: str | os.PathLike, io_spec: IOSpec,
     path = Path(path)
     if not path.exists():
         raise ExportError(f"Artifact {path} does not exist.")
-    batch: list[int | str] = ["batch" if dynamic_batch else 1]
     return ExportResult(
         format=fmt, path=path, input_names=io_spec.input_names,
         output_names=io_spec.output_names,
-        input_shapes={t.name: batch + list(t.shape[1:]) for t in io_spec.inputs},
-        output_shapes={t.name: batch + list(t.shape[1:]) for t in io_spec.outputs},
+        input_shapes=spec_shapes(io_spec.inputs, dynamic_batch),
+        output_shapes=spec_shapes(io_spec.outputs, dynamic_batch),
         file_size_bytes=path_size(path), notes=["described from an existing file"])
 
 

@@ -14,11 +14,12 @@ from export._common import (
     ExportError,
     ExportFormat,
     ExportResult,
-    dynamic_batch_supported,
     fspath,
     path_size,
     prepare_model,
+    require_dynamic_batch_support,
     root_cause,
+    spec_shapes,
     tool_versions,
 )
 from odconv_deploy._atomic import atomic_output
@@ -109,11 +110,8 @@ def export_coreml(
                           f"one of {DEPLOYMENT_TARGETS}.")
     prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
                              name=name)
-    if flexible_batch and not dynamic_batch_supported(prepared):
-        raise ExportError(
-            f"Strategy {prepared.strategy!r} bakes the batch into the graph; a flexible batch "
-            "is impossible. Note: pass flexible_batch=False or use 'im2col'/'static_weight'."
-        )
+    if flexible_batch:
+        require_dynamic_batch_support(prepared, "flexible_batch")
     spec = prepared.io_spec
     inputs = spec.sample_inputs(batch=1)
     batch_dim = ct.RangeDim(1, max_batch, default=1) if flexible_batch else 1
@@ -158,12 +156,11 @@ def export_coreml(
     with atomic_output(path, overwrite=overwrite) as tmp:
         mlmodel.save(str(tmp))
     ops = Counter(op.op_type for op in iter_mil_ops(mlmodel._mil_program))
-    shape = ["batch" if flexible_batch else 1]
     return ExportResult(
         format=ExportFormat.COREML, path=path,
         input_names=spec.input_names, output_names=spec.output_names,
-        input_shapes={t.name: shape + list(t.shape[1:]) for t in spec.inputs},
-        output_shapes={t.name: shape + list(t.shape[1:]) for t in spec.outputs},
+        input_shapes=spec_shapes(spec.inputs, flexible_batch),
+        output_shapes=spec_shapes(spec.outputs, flexible_batch),
         file_size_bytes=path_size(path),
         options={"precision": precision, "minimum_deployment_target": minimum_deployment_target,
                  "flexible_batch": flexible_batch, "max_batch": max_batch,

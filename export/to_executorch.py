@@ -14,11 +14,12 @@ from export._common import (
     ExportError,
     ExportFormat,
     ExportResult,
-    dynamic_batch_supported,
     fspath,
     path_size,
     prepare_model,
+    require_dynamic_batch_support,
     root_cause,
+    spec_shapes,
     tool_versions,
 )
 from odconv_deploy._atomic import atomic_output
@@ -135,11 +136,8 @@ def export_executorch(
 
     prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
                              name=name)
-    if dynamic_batch and not dynamic_batch_supported(prepared):
-        raise ExportError(
-            f"Strategy {prepared.strategy!r} bakes the batch into the graph. Note: pass "
-            "dynamic_batch=False or use 'im2col'/'static_weight'."
-        )
+    if dynamic_batch:
+        require_dynamic_batch_support(prepared, "dynamic_batch")
     spec = prepared.io_spec
     # A batch of 1 in the example input would be specialised by torch.export (0/1 rule).
     inputs = spec.sample_inputs(batch=2 if dynamic_batch else 1)
@@ -179,12 +177,11 @@ def export_executorch(
         notes.append(f"conv/matmul ops NOT delegated to XNNPACK: {dict(fallback_ops)} "
                      f"({fallback_macs / 1e6:.1f} of {total_macs / 1e6:.1f} M MACs run on "
                      "portable kernels)")
-    shape = ["batch" if dynamic_batch else 1]
     return ExportResult(
         format=ExportFormat.EXECUTORCH, path=path,
         input_names=spec.input_names, output_names=spec.output_names,
-        input_shapes={t.name: shape + list(t.shape[1:]) for t in spec.inputs},
-        output_shapes={t.name: shape + list(t.shape[1:]) for t in spec.outputs},
+        input_shapes=spec_shapes(spec.inputs, dynamic_batch),
+        output_shapes=spec_shapes(spec.outputs, dynamic_batch),
         file_size_bytes=path_size(path),
         options={"backend": "xnnpack", "dynamic_batch": dynamic_batch, "max_batch": max_batch,
                  "strategy": prepared.strategy, "model": prepared.name},

@@ -15,10 +15,10 @@ from export._common import (
     ExportFormat,
     ExportResult,
     PreparedModel,
-    dynamic_batch_supported,
     fspath,
     path_size,
     prepare_model,
+    require_dynamic_batch_support,
     root_cause,
     tool_versions,
 )
@@ -122,12 +122,8 @@ def export_onnx(
         require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
     prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
                              name=name)
-    if dynamic_batch and not dynamic_batch_supported(prepared):
-        raise ExportError(
-            f"Strategy {prepared.strategy!r} bakes the batch size into exported graphs, so a "
-            "dynamic batch is impossible. Note: pass dynamic_batch=False (CLI: --static-batch) "
-            "or use the 'im2col' or 'static_weight' strategy."
-        )
+    if dynamic_batch:
+        require_dynamic_batch_support(prepared, "dynamic_batch")
     axes = _dynamic_axes(prepared.io_spec, dynamic_batch, dynamic_spatial)
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.model.parameters())
     external = weight_bytes > PROTOBUF_LIMIT
