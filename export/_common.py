@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from torch import nn
 
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec, TensorSpec
-from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES, ODConv2dDeploy
+from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
+from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
 
 class ExportError(ODConvDeployError, RuntimeError):
@@ -136,8 +138,10 @@ class PreparedModel:
     model: nn.Module
     io_spec: IOSpec
     name: str
-    strategy: str | None  # None when the model has no ODConv layer
+    strategy: str | None  # None when the model has no ODConv layer; "auto", "mixed" possible
     converted_layers: int
+    #: Deploy form -> number of layers that use it.
+    layer_strategies: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_io_spec(model: nn.Module, io_spec: IOSpec | None,
@@ -160,14 +164,17 @@ def resolve_io_spec(model: nn.Module, io_spec: IOSpec | None,
     )
 
 
-def prepare_model(model: nn.Module, *, strategy: str | None = None, io_spec: IOSpec | None = None,
+def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str = "onnx",
+                  dynamic_batch: bool = True, io_spec: IOSpec | None = None,
                   input_shape: tuple[int, ...] | None = None, name: str | None = None
                   ) -> PreparedModel:
     """Convert a train-form model to its deploy form (if needed) and check that it runs.
 
     Args:
         model: Train form or deploy form (any network with ODConv layers, or none).
-        strategy: Deploy strategy for train-form layers (default: ``im2col``).
+        strategy: Deploy strategy for train-form layers (default: ``im2col``), or ``auto``.
+        target: The export target ``auto`` chooses for.
+        dynamic_batch: Whether the export keeps the batch dynamic (``auto`` needs to know).
         io_spec: The model's I/O contract (default: ``model.io_spec`` or ``input_shape``).
         input_shape: Input shape for models without an ``io_spec``.
         name: Name stamped into the artifacts (default: the zoo name or the class name).
@@ -179,19 +186,21 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, io_spec: IOS
     name = name or getattr(model, "zoo_name", None) or type(model).__name__
     converted = 0
     if find_odconv_layers(model):
-        result = convert_model(model, strategy=strategy or DEFAULT_STRATEGY)
+        result = convert_model(model, strategy=strategy or DEFAULT_STRATEGY, target=target,
+                               dynamic_batch=dynamic_batch)
         model, converted = result.model, len(result.layers)
         strategy = result.strategy
     else:
         strategies = {m.strategy for m in model.modules() if isinstance(m, ODConv2dDeploy)}
-        if strategy is not None and strategies and strategies != {strategy}:
+        if strategy not in (None, AUTO_STRATEGY) and strategies and strategies != {strategy}:
             raise ExportError(
                 f"The model is already in deploy form with strategy {sorted(strategies)}, not "
                 f"{strategy!r}. Note: pass the train-form model to choose the strategy."
             )
-        strategy = next(iter(strategies)) if strategies else None
-    if strategy is not None and strategy not in DEPLOY_STRATEGIES:
-        raise ExportError(f"Unknown deploy strategy {strategy!r}.")
+        strategy = (None if not strategies else next(iter(strategies)) if len(strategies) == 1
+                    else "mixed")
+    layer_strategies = dict(Counter(m.strategy for m in model.modules()
+                                    if isinstance(m, ODConv2dDeploy)))
     model = model.eval()
     inputs = spec.sample_inputs(batch=1)
     try:
@@ -213,7 +222,12 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, io_spec: IOS
                       outputs=tuple(TensorSpec(t.name, tuple(o.shape))
                                     for t, o in zip(spec.outputs, outputs, strict=True)),
                       mean=spec.mean, std=spec.std, task=spec.task)
-    return PreparedModel(model, spec, name, strategy, converted)
+    return PreparedModel(model, spec, name, strategy, converted, layer_strategies)
+
+
+def format_layer_strategies(layer_strategies: dict[str, int]) -> str:
+    """``"dynamic_weight:17,im2col:35"`` (sorted), or ``"none"``: for artifact metadata."""
+    return ",".join(f"{k}:{v}" for k, v in sorted(layer_strategies.items())) or "none"
 
 
 def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
@@ -226,10 +240,11 @@ def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
     Raises:
         ExportError: Some layer's strategy cannot take a dynamic batch.
     """
-    if any(isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch
-           for m in prepared.model.modules()):
+    fixed = sorted({m.strategy for m in prepared.model.modules()
+                    if isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch})
+    if fixed:
         raise ExportError(
-            f"Strategy {prepared.strategy!r} bakes the batch into exported graphs, so a "
+            f"Strategy {fixed[0]!r} bakes the batch into exported graphs, so a "
             f"dynamic batch is impossible. Note: pass {option}=False (CLI: --static-batch) "
             "or use the 'im2col' or 'static_weight' strategy."
         )

@@ -15,7 +15,9 @@ from export.to_onnx import DEFAULT_OPSET, export_onnx
 from export.to_ort import export_ort
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
+from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
 
 def _failure(fmt: ExportFormat, path: os.PathLike, exc: BaseException) -> ExportResult:
@@ -44,13 +46,16 @@ def export_formats(
 
     ``ort`` is made from the simplified ONNX model (``onnx`` and ``onnx-sim`` are produced for
     it if not requested). A format that fails yields a result with ``ok=False`` and the
-    reason; the others still run.
+    reason; the others still run. A train-form model is converted once for every format, except
+    with ``strategy="auto"``, where each exporter converts it for its own target.
     """
     out = fspath(out_dir)
     name = stem or getattr(model, "zoo_name", None) or type(model).__name__
-    if find_odconv_layers(model):  # convert once, verified, for every format
-        model = convert_model(model, strategy=strategy or "im2col").model
-    common = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite)
+    if strategy != AUTO_STRATEGY and find_odconv_layers(model):  # once, verified, for all
+        model = convert_model(model, strategy=strategy or DEFAULT_STRATEGY).model
+        strategy = None
+    common = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite,
+                  strategy=strategy)
     wanted = list(dict.fromkeys(formats))
     results: list[ExportResult] = []
     onnx_result = sim_result = None

@@ -14,6 +14,7 @@ from export._common import (
     ExportError,
     ExportFormat,
     ExportResult,
+    format_layer_strategies,
     fspath,
     path_size,
     prepare_model,
@@ -108,8 +109,9 @@ def export_coreml(
     if minimum_deployment_target not in DEPLOYMENT_TARGETS:
         raise ExportError(f"Unknown deployment target {minimum_deployment_target!r}; expected "
                           f"one of {DEPLOYMENT_TARGETS}.")
-    prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
-                             name=name)
+    prepared = prepare_model(model, strategy=strategy, target="coreml",
+                             dynamic_batch=flexible_batch, io_spec=io_spec,
+                             input_shape=input_shape, name=name)
     if flexible_batch:
         require_dynamic_batch_support(prepared, "flexible_batch")
     spec = prepared.io_spec
@@ -151,6 +153,7 @@ def export_coreml(
         mlmodel.output_description[t.name] = f"{t.name} {list(t.shape[1:])} per sample"
     mlmodel.user_defined_metadata.update(
         {"model": prepared.name, "strategy": prepared.strategy or "none",
+         "layer_strategies": format_layer_strategies(prepared.layer_strategies),
          "precision": precision, **{f"version.{k}": v for k, v in versions.items()}})
     path = fspath(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
@@ -164,7 +167,8 @@ def export_coreml(
         file_size_bytes=path_size(path),
         options={"precision": precision, "minimum_deployment_target": minimum_deployment_target,
                  "flexible_batch": flexible_batch, "max_batch": max_batch,
-                 "strategy": prepared.strategy, "model": prepared.name},
+                 "strategy": prepared.strategy,
+                 "layer_strategies": prepared.layer_strategies, "model": prepared.name},
         tool_versions=versions, op_counts=dict(ops),
         details={"max_rank": facts["max_rank"], "convs": len(facts["conv_groups"]),
                  "converted_layers": prepared.converted_layers},

@@ -134,8 +134,8 @@ def export_executorch(
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
-    prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
-                             name=name)
+    prepared = prepare_model(model, strategy=strategy, target="pte", dynamic_batch=dynamic_batch,
+                             io_spec=io_spec, input_shape=input_shape, name=name)
     if dynamic_batch:
         require_dynamic_batch_support(prepared, "dynamic_batch")
     spec = prepared.io_spec
@@ -184,7 +184,8 @@ def export_executorch(
         output_shapes=spec_shapes(spec.outputs, dynamic_batch),
         file_size_bytes=path_size(path),
         options={"backend": "xnnpack", "dynamic_batch": dynamic_batch, "max_batch": max_batch,
-                 "strategy": prepared.strategy, "model": prepared.name},
+                 "strategy": prepared.strategy,
+                 "layer_strategies": prepared.layer_strategies, "model": prepared.name},
         tool_versions=tool_versions("executorch"),
         op_counts={op: b["delegated"] + b["non_delegated"] for op, b in by_op.items()},
         notes=notes,

@@ -15,6 +15,7 @@ from export._common import (
     ExportFormat,
     ExportResult,
     PreparedModel,
+    format_layer_strategies,
     fspath,
     path_size,
     prepare_model,
@@ -120,8 +121,8 @@ def export_onnx(
         raise ExportError(f"Unknown exporter {exporter!r}. Note: choose one of {EXPORTERS}.")
     if exporter == "dynamo":
         require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
-    prepared = prepare_model(model, strategy=strategy, io_spec=io_spec, input_shape=input_shape,
-                             name=name)
+    prepared = prepare_model(model, strategy=strategy, target="onnx", dynamic_batch=dynamic_batch,
+                             io_spec=io_spec, input_shape=input_shape, name=name)
     if dynamic_batch:
         require_dynamic_batch_support(prepared, "dynamic_batch")
     axes = _dynamic_axes(prepared.io_spec, dynamic_batch, dynamic_spatial)
@@ -140,6 +141,7 @@ def export_onnx(
         proto = onnx.load(str(tmp), load_external_data=False)
         meta = {"producer": "odconv-deploy", "model": prepared.name,
                 "strategy": prepared.strategy or "none", "exporter": exporter,
+                "layer_strategies": format_layer_strategies(prepared.layer_strategies),
                 **{f"version.{k}": v for k, v in tool_versions("onnx").items()}}
         del proto.metadata_props[:]
         for key, value in meta.items():
@@ -162,6 +164,7 @@ def export_onnx(
         file_size_bytes=path_size(path),
         options={"opset": opset, "dynamic_batch": dynamic_batch,
                  "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
+                 "layer_strategies": prepared.layer_strategies,
                  "exporter": exporter, "external_data": external, "model": prepared.name},
         tool_versions=tool_versions("onnx"),
         op_counts=dict(Counter(n.op_type for n in graph.node)),

@@ -32,10 +32,14 @@ from odconv_deploy.layers import (
 )
 from odconv_deploy.models import create_model, list_models, model_entry
 from odconv_deploy.reparameterize import ConversionResult, convert_model, reparameterize_model
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS, AutoStrategy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUTO_STRATEGY",
+    "AUTO_TARGETS",
+    "AutoStrategy",
     "DEFAULT_STRATEGY",
     "DEPLOY_STRATEGIES",
     "CheckpointError",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -34,15 +35,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from odconv_deploy.reparameterize import convert_model
 
     loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num)
-    result = convert_model(loaded.model, strategy=args.strategy)
+    result = convert_model(loaded.model, strategy=args.strategy, target=args.target,
+                           dynamic_batch=not args.static_batch)
     worst = max((layer.max_abs_error or 0.0) for layer in result.layers)
     with atomic_output(args.out, overwrite=args.overwrite) as tmp:
         torch.save({"state_dict": result.model.state_dict(), "model": args.model,
                     "kernel_num": args.kernel_num, "strategy": args.strategy,
+                    "layer_strategies": result.layer_strategies,
                     "odconv_deploy_version": odconv_deploy.__version__}, tmp)
     print(f"converted {len(result.layers)} ODConv layers of {args.model} ({loaded.weights}) "
-          f"to '{args.strategy}', folded {result.folded_bn_count} BatchNorms; worst float64 "
-          f"layer error {worst:.2e}; wrote {args.out}")
+          f"to '{args.strategy}' {result.layer_strategies}, folded {result.folded_bn_count} "
+          f"BatchNorms; worst float64 layer error {worst:.2e}; wrote {args.out}")
     return 0
 
 
@@ -78,14 +81,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
                                       (ExportFormat.EXECUTORCH, args.pte),
                                       (ExportFormat.COREML, args.coreml)) if p]
-    deploy = convert_model(loaded.model, strategy=args.strategy).model
+    deploy = convert_model(loaded.model, strategy=args.strategy, target="torch").model
     with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp:
         if given:
             results = [artifact_result(fmt, path, loaded.io_spec, dynamic_batch=not
                                        args.static_batch) for fmt, path in given]
         else:
-            results = export_formats(deploy, args.out or tmp, parse_formats(args.formats),
-                                     stem=args.model, io_spec=loaded.io_spec,
+            auto = args.strategy == AUTO_STRATEGY  # then each format gets its own choice
+            results = export_formats(loaded.model if auto else deploy, args.out or tmp,
+                                     parse_formats(args.formats), stem=args.model,
+                                     strategy=args.strategy if auto else None,
+                                     io_spec=loaded.io_spec,
                                      dynamic_batch=not args.static_batch,
                                      overwrite=args.overwrite,
                                      progress=lambda s: print(f"-> {s} ...", file=sys.stderr))
@@ -117,7 +123,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
         backends=args.backends, batches=[int(b) for b in args.batch.split(",")],
         threads=[int(t) for t in args.threads.split(",")], strategy=args.strategy,
-        resolution=args.resolution, settings=settings, out=args.out, overwrite=args.overwrite)
+        dynamic_batch=not args.static_batch, resolution=args.resolution, settings=settings,
+        out=args.out, overwrite=args.overwrite)
     report = run_benchmark(config, progress=lambda s: print(s, file=sys.stderr))
     files = write_report(report, args.out, overwrite=args.overwrite)
     print(to_markdown(report))
@@ -160,14 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kernel-num", type=int, default=default_k, help="ODConv kernel_num")
         p.add_argument("--checkpoint", default=None,
                        help="checkpoint to load (default: deterministic synthetic weights)")
-        p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted(DEPLOY_STRATEGIES),
-                       help="deploy-form strategy")
+        p.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                       choices=sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY],
+                       help="deploy-form strategy; 'auto' chooses per layer for each format")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     p = sub.add_parser("convert", help="convert a model to its deploy form and save it",
                        formatter_class=fmt)
     model_args(p, None, 4)
     p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--target", default="onnx", choices=AUTO_TARGETS,
+                   help="export target that --strategy auto chooses for")
+    p.add_argument("--static-batch", action="store_true",
+                   help="with --strategy auto: the target will run batch 1 only")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a model to ONNX, CoreML, ORT and ExecuTorch",
@@ -213,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="time budget per measurement in seconds (overrides --iterations)")
     p.add_argument("--out", default="bench_out", help="output folder")
+    p.add_argument("--static-batch", action="store_true",
+                   help="export artifacts with batch 1 baked in (other batches are skipped)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",

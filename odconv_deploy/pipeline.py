@@ -22,6 +22,7 @@ from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import DIGITS_MODEL, load_zoo_model
 from odconv_deploy.reparameterize import convert_model
+from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
 #: float32 whole-model tolerance of train form vs deploy form (relative to max |logit|).
 FP32_MODEL_RTOL = 1e-4
@@ -155,7 +156,7 @@ class _Pipeline:
         return "ok", f"{self.o.model}, weights: {self.loaded.weights}", {}
 
     def convert(self) -> StepOutcome:
-        result = convert_model(self.loaded.model, strategy=self.o.strategy)
+        result = convert_model(self.loaded.model, strategy=self.o.strategy, target="torch")
         self.deploy = result.model
         worst = max(layer.max_abs_error for layer in result.layers)
         data: dict[str, object] = {"layers": len(result.layers),
@@ -181,9 +182,12 @@ class _Pipeline:
     def export(self) -> StepOutcome:
         from export import export_formats, parse_formats
 
+        auto = self.o.strategy == AUTO_STRATEGY  # then each format gets its own choice
         self.exports = export_formats(
-            self.deploy, self.out / "artifacts", parse_formats(",".join(self.o.formats)),
-            stem=self.o.model, io_spec=self.loaded.io_spec, overwrite=self.o.overwrite,
+            self.loaded.model if auto else self.deploy, self.out / "artifacts",
+            parse_formats(",".join(self.o.formats)), stem=self.o.model,
+            strategy=self.o.strategy if auto else None, io_spec=self.loaded.io_spec,
+            overwrite=self.o.overwrite,
             progress=lambda s: self.progress(f"    {s}"))
         rows = ["| format | file | MB | detail |", "|---|---|---|---|"]
         for r in self.exports:

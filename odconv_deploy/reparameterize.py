@@ -9,14 +9,16 @@ layer is checked against the original in float64 on random input before it is sw
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from odconv_deploy.detect import inspect_odconv, looks_like_odconv
-from odconv_deploy.errors import ConversionError, UnsupportedLayerError
+from odconv_deploy.detect import ODConvSpec, inspect_odconv, looks_like_odconv
+from odconv_deploy.errors import ConversionError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES, ODConv2dDeploy
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
 
 #: Relative tolerance of the float64 per-layer check (the rewrite is an exact identity).
 VERIFY_RTOL = 1e-9
@@ -38,8 +40,13 @@ class ConversionResult:
     """A converted model and the record of each layer's conversion."""
 
     model: nn.Module
-    strategy: str
+    strategy: str  # a deploy form, or "auto" (each layer's choice is in ``layers``)
     layers: list[LayerConversion] = field(default_factory=list)
+
+    @property
+    def layer_strategies(self) -> dict[str, int]:
+        """How many layers took each deploy form."""
+        return dict(Counter(layer.strategy for layer in self.layers))
 
     @property
     def folded_bn_count(self) -> int:
@@ -189,6 +196,8 @@ def convert_model(
     model: nn.Module,
     *,
     strategy: str = DEFAULT_STRATEGY,
+    target: str = "onnx",
+    dynamic_batch: bool = True,
     inplace: bool = False,
     fold_bn: bool = True,
     verify: bool = True,
@@ -197,7 +206,12 @@ def convert_model(
 
     Args:
         model: Any module containing ODConv layers (or one ODConv layer).
-        strategy: Deploy strategy, one of ``DEPLOY_STRATEGIES``.
+        strategy: Deploy strategy, one of ``DEPLOY_STRATEGIES``, or ``"auto"`` to choose per
+            layer for ``target`` (:mod:`odconv_deploy.strategy_choice`).
+        target: Export target ``auto`` chooses for (``onnx``, ``ort``, ``coreml``, ``pte``,
+            ``torch``); ignored by a named strategy.
+        dynamic_batch: Whether ``auto`` must keep the batch dynamic; ignored by a named
+            strategy.
         inplace: Modify ``model`` itself instead of a deep copy.
         fold_bn: Fold a BatchNorm2d that directly follows an ODConv layer into it.
         verify: Check every converted layer against the original in float64.
@@ -206,37 +220,38 @@ def convert_model(
         The converted model (in eval mode) and a per-layer record.
 
     Raises:
-        UnsupportedLayerError: Unknown strategy or an unsupported layer setting.
+        UnsupportedLayerError: Unknown strategy or target, or an unsupported layer setting.
         ConversionError: A converted layer does not reproduce its original.
     """
-    if strategy not in DEPLOY_STRATEGIES:
-        raise UnsupportedLayerError(
-            f"Unknown deploy strategy {strategy!r}. Note: choose one of "
-            f"{sorted(DEPLOY_STRATEGIES)}."
-        )
+    check_strategy_name(strategy)
+    auto = AutoStrategy(target, dynamic_batch) if strategy == AUTO_STRATEGY else None
+
+    def deploy_form(spec: ODConvSpec, bn: nn.Module | None) -> ODConv2dDeploy:
+        chosen = auto.choose(spec) if auto else strategy
+        return DEPLOY_STRATEGIES[chosen].from_spec(spec, output_bn=bn).eval()
+
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    deploy_cls = DEPLOY_STRATEGIES[strategy]
     layers = find_odconv_layers(model)
     if layers and layers[0][0] == "":  # the model is itself one ODConv layer
         spec = inspect_odconv(model, type(model).__name__)
-        deploy = deploy_cls.from_spec(spec)
+        deploy = deploy_form(spec, None)
         err = verify_layer(model, None, deploy, spec.name) if verify else (None, None)
-        return ConversionResult(deploy.eval(), strategy,
-                                [LayerConversion(spec.name, strategy, None, *err)])
+        return ConversionResult(deploy, strategy,
+                                [LayerConversion(spec.name, deploy.strategy, None, *err)])
     bn_for = find_following_batchnorms(model, [n for n, _ in layers]) if fold_bn else {}
     result = ConversionResult(model, strategy)
     for name, layer in layers:
         spec = inspect_odconv(layer, name)
         bn_name = bn_for.get(name)
         bn = model.get_submodule(bn_name) if bn_name else None
-        deploy = deploy_cls.from_spec(spec, output_bn=bn).eval()
+        deploy = deploy_form(spec, bn)
         err = verify_layer(layer, bn, deploy, name) if verify else (None, None)
         _set_submodule(model, name, deploy)
         if bn_name:
             _set_submodule(model, bn_name, nn.Identity())
-        result.layers.append(LayerConversion(name, strategy, bn_name, *err))
+        result.layers.append(LayerConversion(name, deploy.strategy, bn_name, *err))
     return result
 
 
@@ -244,6 +259,8 @@ def reparameterize_model(
     model: nn.Module,
     *,
     strategy: str = DEFAULT_STRATEGY,
+    target: str = "onnx",
+    dynamic_batch: bool = True,
     inplace: bool = False,
     fold_bn: bool = True,
     verify: bool = True,
@@ -253,5 +270,5 @@ def reparameterize_model(
     Converting twice is a no-op (deploy forms are skipped). The input model is left untouched
     unless ``inplace=True``. See :func:`convert_model` for the arguments and a per-layer report.
     """
-    return convert_model(model, strategy=strategy, inplace=inplace, fold_bn=fold_bn,
-                         verify=verify).model
+    return convert_model(model, strategy=strategy, target=target, dynamic_batch=dynamic_batch,
+                         inplace=inplace, fold_bn=fold_bn, verify=verify).model

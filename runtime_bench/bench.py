@@ -15,6 +15,7 @@ from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, load_zoo_model, static_twin_of
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
+from odconv_deploy.strategy_choice import AUTO_STRATEGY
 from runtime_bench.backends import Backend, parse_backends
 from runtime_bench.measure import MeasureSettings, interleaved, measure
 from runtime_bench.probe import MachineProbe, machine_info, probe_machine
@@ -31,7 +32,9 @@ class BenchConfig:
     backends: str = "ort,pte"
     batches: Sequence[int] = (1,)
     threads: Sequence[int] = (1,)
-    strategy: str = "im2col"
+    strategy: str = "im2col"  # or "auto": chosen per layer for each backend's format
+    #: Export artifacts with a symbolic batch; False bakes in batch 1 (other batches skipped).
+    dynamic_batch: bool = True
     resolution: int | None = None  # default: the model's own input size
     settings: MeasureSettings = field(default_factory=MeasureSettings)
     out: str = "bench_out"
@@ -84,22 +87,25 @@ class BenchReport:
                 "rows": [asdict(r) for r in self.rows], "artifacts": self.artifacts}
 
 
-def _prepare(loaded: LoadedModel, strategy: str, spec: IOSpec, formats: set[ExportFormat],
-             out: Path, overwrite: bool, progress: Callable[[str], None],
-             reuse: Sequence[ExportResult] = ()
+def _prepare(loaded: LoadedModel, config: BenchConfig, spec: IOSpec, formats: set[ExportFormat],
+             out: Path, progress: Callable[[str], None], reuse: Sequence[ExportResult] = ()
              ) -> tuple[nn.Module, dict[ExportFormat, ExportResult]]:
-    model = loaded.model
-    if find_odconv_layers(model):
-        model = convert_model(model, strategy=strategy).model
+    model, strategy = loaded.model, config.strategy
+    if find_odconv_layers(model):  # the eager model the torch backend runs
+        model = convert_model(model, strategy=strategy, target="torch").model
     have = {r.format: r for r in reuse if r.ok and r.format in formats}
     missing = formats - set(have)
     if ExportFormat.ORT in missing:
         missing.add(ExportFormat.ONNX_SIMPLIFIED)
     if not missing:
         return model, have
-    results = export_formats(model, out, sorted(missing, key=lambda f: f.value),
-                             stem=f"{loaded.name}_{strategy}", io_spec=spec,
-                             overwrite=overwrite, progress=progress)
+    batch = "" if config.dynamic_batch else "_b1"
+    # "auto" picks per format, so every exporter gets the train form; otherwise the converted one.
+    results = export_formats(loaded.model if strategy == AUTO_STRATEGY else model, out,
+                             sorted(missing, key=lambda f: f.value),
+                             stem=f"{loaded.name}_{strategy}{batch}", io_spec=spec,
+                             strategy=strategy, dynamic_batch=config.dynamic_batch,
+                             overwrite=config.overwrite, progress=progress)
     return model, {**{r.format: r for r in results}, **have}
 
 
@@ -138,8 +144,8 @@ def run_benchmark(config: BenchConfig, *, progress: Callable[[str], None] = lamb
         progress(f"prepare {item.name} ({', '.join(sorted(f.value for f in formats)) or 'torch'})")
         reuse = config.reuse_artifacts if role == "odconv" and size == loaded.io_spec.inputs[
             0].shape[-1] else ()
-        model, artifacts = _prepare(item, config.strategy, spec, set(formats), out / "artifacts",
-                                    config.overwrite, progress, reuse)
+        model, artifacts = _prepare(item, config, spec, set(formats), out / "artifacts",
+                                    progress, reuse)
         complexity = measure_complexity(model, spec.inputs[0].with_batch(1))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         prepared[role] = (item, model, artifacts, complexity.macs, weight_bytes)

@@ -4,6 +4,10 @@ Runs each target row with the benchmark harness (interleaved A/B rounds against 
 twin, 224x224, medians) at 1 and 2 threads and writes ``perf_targets.{json,md}``::
 
     python -m runtime_bench.perf_targets --out runtime_bench/results
+
+Two variants: ``im2col`` (dynamic-batch artifacts, every row) and ``auto`` (per-layer choice,
+batch 1 baked in; only the batch-1 ONNX Runtime rows, where it differs from ``im2col``).
+``--variants auto --merge`` re-measures one variant and keeps the other's committed records.
 """
 
 from __future__ import annotations
@@ -41,15 +45,29 @@ TARGETS = (
 )
 
 
+#: Variant -> (strategy, dynamic batch, which rows it applies to).
+VARIANTS = {
+    "im2col": ("im2col", True, lambda t: True),
+    "auto": ("auto", False, lambda t: t.backend == "ort" and t.batch == 1),
+}
+
+
+def record_key(record: dict[str, object]) -> tuple[object, ...]:
+    """Identity of a record: the target row, threads and variant."""
+    return tuple(record.get(k) for k in ("model", "kernel_num", "backend", "batch", "threads",
+                                          "strategy"))
+
+
 def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
-                strategy: str) -> list[dict[str, object]]:
-    """Measure every target row; returns one record per (row, threads)."""
+                variant: str) -> list[dict[str, object]]:
+    """Measure every target row the variant applies to; one record per (row, threads)."""
+    strategy, dynamic_batch, applies = VARIANTS[variant]
     records = []
-    for target in TARGETS:
+    for target in filter(applies, TARGETS):
         start = time.perf_counter()
         config = BenchConfig(model=target.model, kernel_num=target.kernel_num,
                              backends=target.backend, batches=(target.batch,), threads=threads,
-                             strategy=strategy, settings=settings,
+                             strategy=strategy, dynamic_batch=dynamic_batch, settings=settings,
                              out=str(out / "work" / f"{target.model}_k{target.kernel_num}"),
                              overwrite=True)
         report = run_benchmark(config, progress=lambda s: print(f"   {s}", flush=True))
@@ -60,7 +78,8 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
                         and r.batch == row.batch and r.threads == row.threads)
             ratio = row.ratio_to_static.get("ratio_median")
             records.append({
-                **asdict(target), "threads": row.threads, "status": row.status,
+                **asdict(target), "threads": row.threads, "strategy": strategy,
+                "batch_axis": "dynamic" if dynamic_batch else "fixed", "status": row.status,
                 "reason": row.reason, "odconv_median_ms": row.latency.get("median_ms"),
                 "odconv_iqr_ms": row.latency.get("iqr_ms"),
                 "static_median_ms": twin.latency.get("median_ms"),
@@ -78,23 +97,27 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
     return records
 
 
+TARGET_ORDER = {(t.model, t.kernel_num, t.backend, t.batch): i for i, t in enumerate(TARGETS)}
+
+
 def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> str:
     """The target table with measured ratios."""
     lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores); torch {machine['torch']}, "
              f"onnxruntime {machine['onnxruntime']}, executorch {machine['executorch']}.",
              "Ratio = median of interleaved A/B rounds (ODConv deploy graph / static twin), "
              "IQR in brackets; latencies are per batch.", "",
-             "| graph | runtime | batch | threads | ODConv ms | static ms | ratio | target | met | "
-             "floor ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+             "| graph | runtime | batch | strategy (batch axis) | threads | ODConv ms | static ms "
+             "| ratio | target | met | floor ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],
+                                            r["strategy"] != "im2col")):
+        head = (f"| {r['model']} k={r['kernel_num']} | {r['backend']} | {r['batch']} | "
+                f"{r['strategy']} ({r['batch_axis']}) | {r['threads']}")
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} k={r['kernel_num']} | {r['backend']} | {r['batch']} "
-                         f"| {r['threads']} | {r['status']}: {str(r['reason'])[:80]} | | | "
+            lines.append(f"{head} | {r['status']}: {str(r['reason'])[:80]} | | | "
                          f"{r['target_ratio']} | no | |")
             continue
         lines.append(
-            f"| {r['model']} k={r['kernel_num']} | {r['backend']} | {r['batch']} | "
-            f"{r['threads']} | {r['odconv_median_ms']:.1f} | {r['static_median_ms']:.1f} | "
+            f"{head} | {r['odconv_median_ms']:.1f} | {r['static_median_ms']:.1f} | "
             f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}-{r['ratio_q75']:.2f}) | "
             f"<= {r['target_ratio']} | {'yes' if r['met'] else 'no'} | {r['floor_ms']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -108,14 +131,26 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--strategy", default="im2col")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the committed records of the variants not re-measured")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     threads = tuple(int(t) for t in args.threads.split(","))
     settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations)
     machine = machine_info()
-    records = run_targets(args.out, threads, settings, args.strategy)
-    payload = {"machine": machine, "settings": asdict(settings), "strategy": args.strategy,
-               "threads": threads, "records": records}
+    records = [r for v in variants for r in run_targets(args.out, threads, settings, v)]
+    previous = args.out / "perf_targets.json"
+    if args.merge and previous.exists():
+        fresh = {record_key(r) for r in records}
+        records += [r for r in json.loads(previous.read_text())["records"]
+                    if record_key(r) not in fresh]
+    payload = {"machine": machine, "settings": asdict(settings), "threads": threads,
+               "records": records}
     with atomic_output(args.out / "perf_targets.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=str))
     with atomic_output(args.out / "perf_targets.md", overwrite=True) as tmp:

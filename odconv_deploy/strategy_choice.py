@@ -1,0 +1,71 @@
+"""``strategy="auto"``: pick each layer's deploy form from the export target.
+
+Every choice is one of the exact deploy forms, so ``auto`` goes through the same per-layer
+float64 verification as a named strategy. The rules come from measurements on this project's
+2-core x86 machine (``runtime_bench/results/perf_targets.md``, ratios to the static twin):
+
+- **ONNX / ORT with a fixed batch**: depthwise layers take ``dynamic_weight`` (ONNX Runtime's
+  Conv with a computed ``[C, 1, k, k]`` weight beats the one-hot im2col + reduce, which writes
+  ``k*k`` copies of the activation: od_mobilenetv2_100 k=4 batch 1 went from 4.7x to 2.8x);
+  every other layer keeps ``im2col`` (od_resnet18: all-``dynamic_weight`` 2.0x vs ``im2col``
+  1.8x).
+- **ONNX / ORT with a dynamic batch**: ``im2col`` everywhere (``dynamic_weight`` bakes the
+  batch into the graph).
+- **ExecuTorch (XNNPACK)**: ``im2col`` everywhere; XNNPACK does not delegate a conv whose weight
+  is computed at run time (the reference graph runs 60x slower than static for that reason).
+- **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
+  as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
+  frontend), while small networks with the same layers convert.
+- **torch** (eager PyTorch): ``im2col`` everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from odconv_deploy.errors import UnsupportedLayerError
+from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
+
+if TYPE_CHECKING:
+    from odconv_deploy.detect import ODConvSpec
+
+AUTO_STRATEGY = "auto"
+#: Export targets ``auto`` knows. ``ort`` and ``onnx`` are the same graphs.
+AUTO_TARGETS = ("onnx", "ort", "coreml", "pte", "torch")
+
+
+@dataclass(frozen=True)
+class AutoStrategy:
+    """The per-layer choice for one export target.
+
+    Args:
+        target: One of :data:`AUTO_TARGETS`.
+        dynamic_batch: Whether the exported graph must accept any batch size.
+    """
+
+    target: str = "onnx"
+    dynamic_batch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target not in AUTO_TARGETS:
+            raise UnsupportedLayerError(
+                f"strategy='auto' got target {self.target!r}. Note: choose one of "
+                f"{', '.join(AUTO_TARGETS)}."
+            )
+
+    def choose(self, spec: ODConvSpec) -> str:
+        """The deploy strategy for one layer (see the module docstring for why)."""
+        depthwise = spec.groups == spec.in_channels == spec.out_channels
+        if self.target in ("onnx", "ort") and not self.dynamic_batch and depthwise:
+            return "dynamic_weight"
+        return DEFAULT_STRATEGY
+
+
+def check_strategy_name(strategy: str) -> None:
+    """Raise a clear error for a strategy that is neither a deploy form nor ``auto``."""
+    if strategy != AUTO_STRATEGY and strategy not in DEPLOY_STRATEGIES:
+        raise UnsupportedLayerError(
+            f"Unknown deploy strategy {strategy!r}. Note: choose one of "
+            f"{sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY]}."
+        )

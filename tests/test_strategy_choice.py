@@ -1,0 +1,113 @@
+"""strategy="auto": per-layer choice from the export target, exact, recorded in the artifacts."""
+
+import onnx
+import pytest
+import torch
+
+from export import ExportError, export_executorch, export_formats, export_onnx
+from odconv_deploy import AutoStrategy, UnsupportedLayerError, convert_model, inspect_odconv
+from odconv_deploy.cli import main
+from tests.helpers import randomize_odconv
+from tests.test_export import UserNet, _assert_matches, _run_onnx
+
+SHAPE = (1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def user_net():
+    """Pasted reference layers: od1 dense 3x3 (after it a BatchNorm), od2 depthwise 5x5."""
+    torch.manual_seed(0)
+    return randomize_odconv(UserNet(), seed=3).eval()
+
+
+def test_rules(user_net):
+    dense, depthwise = inspect_odconv(user_net.od1, "od1"), inspect_odconv(user_net.od2, "od2")
+    fixed_ort = AutoStrategy("ort", dynamic_batch=False)
+    assert fixed_ort.choose(depthwise) == "dynamic_weight"
+    assert fixed_ort.choose(dense) == "im2col"
+    for target in ("onnx", "ort", "pte", "coreml", "torch"):  # any batch: never batch-baked
+        assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "im2col"
+    for target in ("pte", "coreml", "torch"):
+        assert AutoStrategy(target, dynamic_batch=False).choose(depthwise) == "im2col"
+
+
+def test_unknown_target_and_strategy_are_refused(user_net):
+    with pytest.raises(UnsupportedLayerError, match="target 'tflite'.*onnx, ort, coreml, pte"):
+        convert_model(user_net, strategy="auto", target="tflite")
+    with pytest.raises(UnsupportedLayerError, match="Unknown deploy strategy 'fast'.*'auto'"):
+        convert_model(user_net, strategy="fast")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_auto_mix_is_exact_in_float64(user_net, batch):
+    model = user_net.double()
+    try:
+        result = convert_model(model, strategy="auto", target="ort", dynamic_batch=False)
+        assert result.strategy == "auto"
+        assert {c.name: c.strategy for c in result.layers} == {"od1": "im2col",
+                                                              "od2": "dynamic_weight"}
+        assert result.layer_strategies == {"im2col": 1, "dynamic_weight": 1}
+        assert all(c.max_abs_error <= 1e-9 * max(1.0, c.reference_scale) for c in result.layers)
+        x = torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator()
+                        .manual_seed(batch))
+        with torch.no_grad():
+            ref, got = model(x), result.model(x)
+        assert (got - ref).abs().max().item() <= 1e-10 * max(1.0, ref.abs().max().item())
+    finally:
+        user_net.float()
+
+
+def test_fixed_batch_onnx_records_the_mix_and_matches(user_net, tmp_path):
+    result = export_onnx(user_net, tmp_path / "auto.onnx", strategy="auto", dynamic_batch=False,
+                         input_shape=SHAPE)
+    assert result.options["strategy"] == "auto"
+    assert result.options["layer_strategies"] == {"im2col": 1, "dynamic_weight": 1}
+    meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    assert meta["strategy"] == "auto"
+    assert meta["layer_strategies"] == "dynamic_weight:1,im2col:1"
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        _assert_matches(_run_onnx(result.path, x), user_net(x))
+
+
+def test_dynamic_batch_auto_keeps_every_layer_batch_agnostic(user_net, tmp_path):
+    result = export_onnx(user_net, tmp_path / "auto_dyn.onnx", strategy="auto",
+                         input_shape=SHAPE)
+    assert result.options["layer_strategies"] == {"im2col": 2}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        _assert_matches(_run_onnx(result.path, x), user_net(x))
+
+
+def test_pte_auto_delegates_everything(user_net, tmp_path):
+    pytest.importorskip("executorch")
+    result = export_executorch(user_net, tmp_path / "auto.pte", strategy="auto",
+                               dynamic_batch=False, input_shape=SHAPE)
+    assert result.options["layer_strategies"] == {"im2col": 2}
+    assert result.details["conv_matmul_macs_delegated_share"] == pytest.approx(1.0)
+
+
+def test_export_formats_converts_per_target(user_net, tmp_path):
+    results = {r.format.value: r for r in export_formats(
+        user_net, tmp_path, ["onnx", "pte"], strategy="auto", dynamic_batch=False,
+        input_shape=SHAPE)}
+    assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
+    assert results["onnx"].options["layer_strategies"] == {"im2col": 1, "dynamic_weight": 1}
+    assert results["pte"].options["layer_strategies"] == {"im2col": 2}
+
+
+def test_a_forced_dynamic_batch_with_batch_baked_layers_is_refused(user_net, tmp_path):
+    mixed = convert_model(user_net, strategy="auto", target="ort", dynamic_batch=False).model
+    with pytest.raises(ExportError, match="'dynamic_weight' bakes the batch"):
+        export_onnx(mixed, tmp_path / "x.onnx", input_shape=SHAPE)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_convert_auto(tmp_path, capsys):
+    out = tmp_path / "auto.pt"
+    assert main(["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy",
+                 "auto", "--target", "ort", "--static-batch", "--out", str(out)]) == 0
+    saved = torch.load(out, weights_only=False)
+    assert saved["strategy"] == "auto"
+    assert saved["layer_strategies"] == {"im2col": 34, "dynamic_weight": 17}
+    assert "'dynamic_weight': 17" in capsys.readouterr().out
