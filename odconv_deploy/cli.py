@@ -118,7 +118,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from runtime_bench.report import to_markdown, write_report
 
     settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations,
-                               budget_s=args.budget)
+                               budget_s=args.budget, fresh_process=args.fresh_process)
     config = BenchConfig(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
         backends=args.backends, batches=[int(b) for b in args.batch.split(",")],
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="output folder")
     p.add_argument("--static-batch", action="store_true",
                    help="export artifacts with batch 1 baked in (other batches are skipped)")
+    p.add_argument("--fresh-process", action="store_true",
+                   help="measure each cell's latency, cold start and memory in a new process")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,12 +17,18 @@ from runtime_bench.stats import LatencyStats, summarize
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """How long to measure: ``warmup`` runs, then ``iterations`` or until ``budget_s``."""
+    """How long to measure: ``warmup`` runs, then ``iterations`` or until ``budget_s``.
+
+    ``fresh_process`` runs each measurement (cold start, latency, peak memory) in a newly
+    spawned interpreter, so caches, allocator state and memory peaks of earlier measurements
+    cannot leak into it. Interleaved A/B rounds still run in this process.
+    """
 
     warmup: int = 5
     iterations: int = 30
     budget_s: float | None = None
     min_iterations: int = 5
+    fresh_process: bool = False
 
 
 def peak_rss_mb() -> float | None:
@@ -52,11 +61,25 @@ class Measurement:
     samples_s: list[float]
     stats: LatencyStats
     peak_rss_mb: float | None
+    process_id: int  # the process that measured
 
 
 def measure(make_runner: Callable[[], Runner], feed: dict[str, np.ndarray],
             settings: MeasureSettings) -> Measurement:
-    """Measure a fresh runner: cold start first, then warm latency."""
+    """Measure a fresh runner: cold start first, then warm latency.
+
+    With ``settings.fresh_process`` the runner is built and measured in a spawned process
+    (``make_runner`` and ``feed`` must then be picklable, as the bench backends are).
+    """
+    if settings.fresh_process:
+        with ProcessPoolExecutor(max_workers=1,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_measure_here, make_runner, feed, settings).result()
+    return _measure_here(make_runner, feed, settings)
+
+
+def _measure_here(make_runner: Callable[[], Runner], feed: dict[str, np.ndarray],
+                  settings: MeasureSettings) -> Measurement:
     reset_peak_rss()
     runner = make_runner()
     start = time.perf_counter()
@@ -78,7 +101,7 @@ def measure(make_runner: Callable[[], Runner], feed: dict[str, np.ndarray],
                 break
     finally:
         runner.deactivate()
-    return Measurement(cold, samples, summarize(samples), peak_rss_mb())
+    return Measurement(cold, samples, summarize(samples), peak_rss_mb(), os.getpid())
 
 
 def interleaved(runner_a: Runner, runner_b: Runner, feed_a: dict[str, np.ndarray],

@@ -102,7 +102,8 @@ TARGET_ORDER = {(t.model, t.kernel_num, t.backend, t.batch): i for i, t in enume
 
 def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> str:
     """The target table with measured ratios."""
-    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores); torch {machine['torch']}, "
+    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, "
+             f"{machine.get('isa', 'ISA not recorded')}); torch {machine['torch']}, "
              f"onnxruntime {machine['onnxruntime']}, executorch {machine['executorch']}.",
              "Ratio = median of interleaved A/B rounds (ODConv deploy graph / static twin), "
              "IQR in brackets; latencies are per batch.", "",

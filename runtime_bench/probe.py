@@ -55,14 +55,21 @@ def machine_info() -> dict[str, str]:
     """CPU, cores and library versions, stamped into every result."""
     import importlib.metadata
 
-    cpu = platform.processor() or "unknown"
+    cpu, flags = platform.processor() or "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines
+                          if ln.startswith("flags")), []))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "machine": platform.machine(),
+    # The vector ISA decides which GEMM kernels the runtimes pick (and so every latency):
+    # hosts that share a model name can differ here.
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+           if f in flags]
+    info = {"cpu": cpu, "isa": " ".join(isa) or "unknown", "cores": str(os.cpu_count()),
+            "machine": platform.machine(),
             "system": platform.system(), "python": platform.python_version(),
             "numpy": np.__version__}
     for package in ("torch", "onnxruntime", "executorch", "coremltools", "onnx"):

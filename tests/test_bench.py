@@ -103,3 +103,21 @@ def test_bench_cli(tmp_path, capsys):
                  "--iterations", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "od_tinynet | ort | 1 | 1" in out and (tmp_path / "bench.md").is_file()
+
+
+def test_fresh_process_measures_in_a_new_interpreter():
+    import functools
+    import os
+
+    from odconv_deploy import create_model, reparameterize_model
+    from runtime_bench.measure import measure
+
+    (torch_backend,) = parse_backends("torch")
+    model = reparameterize_model(create_model("od_tinynet", kernel_num=2).eval())
+    spec = model.io_spec
+    feed = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.sample_inputs(2), strict=True)}
+    make = functools.partial(torch_backend.make, model, spec, None, 1)
+    fresh = measure(make, feed, MeasureSettings(warmup=1, iterations=3, fresh_process=True))
+    here = measure(make, feed, MeasureSettings(warmup=1, iterations=3))
+    assert fresh.process_id != os.getpid() and here.process_id == os.getpid()
+    assert fresh.stats.n == 3 and fresh.cold_start_s > 0 and fresh.peak_rss_mb > 0
