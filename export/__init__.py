@@ -11,6 +11,7 @@ from export._common import (
     ExportFormat,
     ExportResult,
     artifact_result,
+    format_layer_strategies,
     parse_formats,
     prepare_model,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ExportFormat",
     "ExportResult",
     "artifact_result",
+    "format_layer_strategies",
     "export_coreml",
     "export_executorch",
     "export_formats",

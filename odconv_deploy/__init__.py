@@ -24,6 +24,8 @@ from odconv_deploy.io_spec import IOSpec, TensorSpec, image_classifier_spec
 from odconv_deploy.layers import (
     DEFAULT_STRATEGY,
     DEPLOY_STRATEGIES,
+    LAYER_FORMS,
+    DepthwiseTapsODConv2d,
     DynamicWeightODConv2d,
     Im2colODConv2d,
     ODConv2d,
@@ -42,6 +44,8 @@ __all__ = [
     "AutoStrategy",
     "DEFAULT_STRATEGY",
     "DEPLOY_STRATEGIES",
+    "LAYER_FORMS",
+    "DepthwiseTapsODConv2d",
     "CheckpointError",
     "Complexity",
     "ConversionError",

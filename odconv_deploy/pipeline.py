@@ -180,7 +180,7 @@ class _Pipeline:
                       f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
 
     def export(self) -> StepOutcome:
-        from export import export_formats, parse_formats
+        from export import export_formats, format_layer_strategies, parse_formats
 
         auto = self.o.strategy == AUTO_STRATEGY  # then each format gets its own choice
         self.exports = export_formats(
@@ -198,6 +198,8 @@ class _Pipeline:
                               for k, v in r.details.items()
                               if k in ("nodes_before", "nodes_after", "max_rank",
                                        "conv_matmul_macs_delegated_share", "max_batch_planned"))
+            if r.options.get("layer_strategies"):
+                extra += f"; layers: {format_layer_strategies(r.options['layer_strategies'])}"
             rows.append(f"| {r.format.value} | `{r.path.name}` | "
                         f"{r.file_size_bytes / 1e6:.1f} | {extra} |")
             rows += [f"| | | | note: {n} |" for n in r.notes]

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from odconv_deploy.detect import ODConvSpec, inspect_odconv, looks_like_odconv
 from odconv_deploy.errors import ConversionError
-from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES, ODConv2dDeploy
+from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, LAYER_FORMS, ODConv2dDeploy
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
 
 #: Relative tolerance of the float64 per-layer check (the rewrite is an exact identity).
@@ -228,7 +228,7 @@ def convert_model(
 
     def deploy_form(spec: ODConvSpec, bn: nn.Module | None) -> ODConv2dDeploy:
         chosen = auto.choose(spec) if auto else strategy
-        return DEPLOY_STRATEGIES[chosen].from_spec(spec, output_bn=bn).eval()
+        return LAYER_FORMS[chosen].from_spec(spec, output_bn=bn).eval()
 
     if not inplace:
         model = copy.deepcopy(model)

@@ -11,8 +11,12 @@ float64 verification as a named strategy. The rules come from measurements on th
   1.8x).
 - **ONNX / ORT with a dynamic batch**: ``im2col`` everywhere (``dynamic_weight`` bakes the
   batch into the graph).
-- **ExecuTorch (XNNPACK)**: ``im2col`` everywhere; XNNPACK does not delegate a conv whose weight
-  is computed at run time (the reference graph runs 60x slower than static for that reason).
+- **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (k*k strided slices scaled
+  and summed instead of the one-hot im2col: od_mobilenetv2_100 k=4 went from 12.0x to 6.8x of
+  static), every other layer ``im2col``; never ``dynamic_weight``, since XNNPACK does not
+  delegate a conv whose weight is computed at run time (the reference graph runs 60x slower
+  than static for that reason). ONNX Runtime gains nothing from ``depthwise_taps`` on the
+  whole model (4.92x vs 4.85x), so ONNX keeps ``im2col`` with a dynamic batch.
 - **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
   as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
   frontend), while small networks with the same layers convert.
@@ -59,6 +63,8 @@ class AutoStrategy:
         depthwise = spec.groups == spec.in_channels == spec.out_channels
         if self.target in ("onnx", "ort") and not self.dynamic_batch and depthwise:
             return "dynamic_weight"
+        if self.target == "pte" and depthwise:
+            return "depthwise_taps"
         return DEFAULT_STRATEGY
 
 

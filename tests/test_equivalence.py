@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from odconv_deploy import DEPLOY_STRATEGIES, ODConv2d, convert_model
+from odconv_deploy import (
+    DEPLOY_STRATEGIES,
+    LAYER_FORMS,
+    ODConv2d,
+    UnsupportedLayerError,
+    convert_model,
+    inspect_odconv,
+)
 from tests.helpers import attention_spread, randomize_odconv
 
 TOL = 1e-10  # relative to max |y|; float64 rounding is ~1e-15
@@ -39,16 +46,41 @@ def _configs():
 CONFIGS = _configs()
 
 
+CONFIG_ID = "c{}-{}_k{}_s{}_p{}_d{}_g{}_K{}".format
+#: Depthwise geometries of the sweep (in == groups == out), for the depthwise-only form.
+DEPTHWISE_CONFIGS = [c for c in CONFIGS if c[0] == c[6] == c[1]]
+
+
 @pytest.mark.parametrize("strategy", sorted(DEPLOY_STRATEGIES))
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "c{}-{}_k{}_s{}_p{}_d{}_g{}_K{}".format(*c))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: CONFIG_ID(*c))
 def test_layer_deploy_is_exact_float64(cfg, strategy):
+    _check_exact_float64(cfg, strategy)
+
+
+@pytest.mark.parametrize("cfg", DEPTHWISE_CONFIGS, ids=lambda c: CONFIG_ID(*c))
+def test_depthwise_taps_is_exact_float64(cfg):
+    _check_exact_float64(cfg, "depthwise_taps")
+
+
+def test_the_sweep_has_enough_depthwise_geometries():
+    assert len(DEPTHWISE_CONFIGS) >= 10
+    assert {c[2] for c in DEPTHWISE_CONFIGS} >= {3, 5}
+    assert {c[3] for c in DEPTHWISE_CONFIGS} == {1, 2}
+
+
+def _check_exact_float64(cfg: tuple[int, ...], strategy: str) -> None:
     cin, cout, k, s, p, d, g, kn = cfg
     seed = hash(cfg) % 1000
     layer = ODConv2d(cin, cout, k, s, p, d, g, kernel_num=kn).double()
     block = nn.Sequential(layer, nn.BatchNorm2d(cout).double())
     randomize_odconv(block, seed=seed, temperature=2.3)
     block.eval()
-    deploy = convert_model(block, strategy=strategy).model
+    if strategy in LAYER_FORMS and strategy not in DEPLOY_STRATEGIES:  # a one-kind-of-layer form
+        deploy = nn.Sequential(LAYER_FORMS[strategy].from_spec(inspect_odconv(layer), block[1]),
+                               nn.Identity()).eval()
+    else:
+        deploy = convert_model(block, strategy=strategy).model
+    assert isinstance(deploy[0], LAYER_FORMS[strategy])
     assert isinstance(deploy[1], nn.Identity), "the following BatchNorm must be folded"
     gen = torch.Generator().manual_seed(seed)
     for batch in (1, 2, 5):
@@ -68,18 +100,28 @@ def test_randomisation_makes_attentions_non_trivial():
     assert spread > 0.2, "sigmoids should sit far from 0.5"
 
 
-@pytest.mark.parametrize("strategy", sorted(DEPLOY_STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(LAYER_FORMS))
 def test_equivalence_check_can_fail(strategy):
     """A deliberately wrong deploy form must be caught by the same comparison."""
-    block = nn.Sequential(ODConv2d(6, 8, 3, padding=1, kernel_num=4), nn.BatchNorm2d(8))
+    cout, groups = (6, 6) if strategy == "depthwise_taps" else (8, 1)
+    block = nn.Sequential(ODConv2d(6, cout, 3, padding=1, groups=groups, kernel_num=4),
+                          nn.BatchNorm2d(cout))
     block = randomize_odconv(block.double()).eval()
-    deploy = convert_model(block, strategy=strategy).model
+    deploy = (convert_model(block, strategy="auto", target="pte") if groups > 1
+              else convert_model(block, strategy=strategy)).model
+    assert isinstance(deploy[0], LAYER_FORMS[strategy])
     with torch.no_grad():
         deploy[0].attention_heads.bias[0] += 1e-6
     x = torch.randn(2, 6, 10, 10, dtype=torch.float64)
     with torch.no_grad():
         expected, actual = block(x), deploy(x)
     assert (actual - expected).abs().max() > TOL * expected.abs().max()
+
+
+def test_depthwise_taps_refuses_other_layers():
+    layer = ODConv2d(6, 8, 3, padding=1, kernel_num=4).eval()
+    with pytest.raises(UnsupportedLayerError, match="depthwise layers only.*in=6, out=8, groups=1"):
+        LAYER_FORMS["depthwise_taps"].from_spec(inspect_odconv(layer))
 
 
 @pytest.mark.parametrize("strategy", sorted(DEPLOY_STRATEGIES))

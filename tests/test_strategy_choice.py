@@ -25,10 +25,13 @@ def test_rules(user_net):
     fixed_ort = AutoStrategy("ort", dynamic_batch=False)
     assert fixed_ort.choose(depthwise) == "dynamic_weight"
     assert fixed_ort.choose(dense) == "im2col"
-    for target in ("onnx", "ort", "pte", "coreml", "torch"):  # any batch: never batch-baked
+    for target in ("onnx", "ort", "coreml", "torch"):  # any batch: never batch-baked
         assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "im2col"
-    for target in ("pte", "coreml", "torch"):
+    for target in ("coreml", "torch"):
         assert AutoStrategy(target, dynamic_batch=False).choose(depthwise) == "im2col"
+    for batch_axis in (True, False):  # XNNPACK: never a computed conv weight
+        assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(depthwise) == "depthwise_taps"
+        assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(dense) == "im2col"
 
 
 def test_unknown_target_and_strategy_are_refused(user_net):
@@ -79,12 +82,20 @@ def test_dynamic_batch_auto_keeps_every_layer_batch_agnostic(user_net, tmp_path)
         _assert_matches(_run_onnx(result.path, x), user_net(x))
 
 
-def test_pte_auto_delegates_everything(user_net, tmp_path):
+def test_pte_auto_delegates_everything_and_matches(user_net, tmp_path):
     pytest.importorskip("executorch")
+    from odconv_deploy.runners.executorch_runner import ExecuTorchRunner
+
     result = export_executorch(user_net, tmp_path / "auto.pte", strategy="auto",
-                               dynamic_batch=False, input_shape=SHAPE)
-    assert result.options["layer_strategies"] == {"im2col": 2}
+                               input_shape=SHAPE)
+    assert result.options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
     assert result.details["conv_matmul_macs_delegated_share"] == pytest.approx(1.0)
+    runner = ExecuTorchRunner(result.path, input_names=result.input_names,
+                              input_shapes=result.input_shapes, output_names=result.output_names)
+    x = torch.randn(3, 3, 32, 32)
+    with runner, torch.no_grad():
+        (got,) = runner.infer({result.input_names[0]: x.numpy()}).values()
+        _assert_matches(got, user_net(x))
 
 
 def test_export_formats_converts_per_target(user_net, tmp_path):
@@ -93,7 +104,7 @@ def test_export_formats_converts_per_target(user_net, tmp_path):
         input_shape=SHAPE)}
     assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
     assert results["onnx"].options["layer_strategies"] == {"im2col": 1, "dynamic_weight": 1}
-    assert results["pte"].options["layer_strategies"] == {"im2col": 2}
+    assert results["pte"].options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
 
 
 def test_a_forced_dynamic_batch_with_batch_baked_layers_is_refused(user_net, tmp_path):

@@ -1,6 +1,7 @@
 """Inference-time ODConv: the same function as the train form, in export-friendly ops.
 
-Three strategies (brief section 3), each an exact rewrite and each its own class:
+Three strategies (brief section 3), each an exact rewrite and each its own class, plus one
+form for depthwise layers only (``depthwise_taps``, chosen per layer by ``strategy="auto"``):
 
 - ``im2col``: pad/slice im2col and a batched matmul with the per-sample aggregated weight.
   Any batch, no tensor above rank 4, no dynamic conv weight.
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.fusion import fold_bn_into_linear, fold_output_bn, stack_attention_heads
 from odconv_deploy.layers.im2col import im2col, onehot_tap_kernel
 from odconv_deploy.layers.odconv import Attentions, check_conv_input
@@ -260,6 +262,52 @@ class Im2colODConv2d(ODConv2dDeploy):
         return self._finish(out, filt)
 
 
+class DepthwiseTapsODConv2d(Im2colODConv2d):
+    """Deploy form for depthwise layers: a multiply-add over ``k*k`` shifted views of the input.
+
+    Depthwise im2col writes ``k*k`` copies of the activation and runs a one-hot conv with
+    ``k*k`` outputs per channel; here each tap is a strided slice of the padded input scaled by
+    the per-sample ``[B, C]`` weight of that tap, and the taps are summed. Any batch, rank <= 4,
+    same kernel-bank layout as ``im2col``. Only for depthwise layers.
+    """
+
+    strategy = "depthwise_taps"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: object
+                 ) -> None:
+        groups = kwargs.get("groups", 1)
+        if not in_channels == groups == out_channels:
+            raise UnsupportedLayerError(
+                f"Strategy 'depthwise_taps' takes depthwise layers only (in_channels == groups "
+                f"== out_channels); got in={in_channels}, out={out_channels}, groups={groups}. "
+                "Note: use 'im2col', or strategy='auto', which applies it where it fits."
+            )
+        super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference-mode forward."""
+        self._check(x)
+        att = self.attentions(x)
+        channels, taps, k, s, d = (self.out_channels, self.taps, self.kernel_size, self.stride,
+                                   self.dilation)
+        weight = F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
+        weight = weight.reshape(-1, channels, taps) * att.channel[:, :, None]
+        if att.spatial is not None:
+            weight = weight * att.spatial[:, None, :]
+        p = self.padding
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        out_h = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
+        out_w = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
+        out = None
+        for t in range(taps):
+            i, j = divmod(t, k)
+            view = padded[:, :, i * d:i * d + s * (out_h - 1) + 1:s,
+                          j * d:j * d + s * (out_w - 1) + 1:s]
+            term = view * weight[:, :, t, None, None]
+            out = term if out is None else out + term
+        return self._finish(out, att.filter)
+
+
 class DynamicWeightODConv2d(ODConv2dDeploy):
     """Deploy form: per sample, one conv whose weight is aggregated at run time.
 
@@ -336,8 +384,12 @@ class StaticWeightODConv2d(ODConv2dDeploy):
         return self._finish(out, att.filter)
 
 
-#: Deploy strategies by name.
+#: Deploy strategies by name: forms that take every ODConv layer.
 DEPLOY_STRATEGIES: dict[str, type[ODConv2dDeploy]] = {
     cls.strategy: cls for cls in (Im2colODConv2d, DynamicWeightODConv2d, StaticWeightODConv2d)
+}
+#: Every deploy form, including those for one kind of layer (chosen per layer by ``auto``).
+LAYER_FORMS: dict[str, type[ODConv2dDeploy]] = {
+    **DEPLOY_STRATEGIES, DepthwiseTapsODConv2d.strategy: DepthwiseTapsODConv2d
 }
 DEFAULT_STRATEGY = "im2col"
