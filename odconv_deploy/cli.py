@@ -42,6 +42,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         torch.save({"state_dict": result.model.state_dict(), "model": args.model,
                     "kernel_num": args.kernel_num, "strategy": args.strategy,
                     "layer_strategies": result.layer_strategies,
+                    # Which deploy class each layer needs to load this state_dict.
+                    "layer_forms": {c.name: c.strategy for c in result.layers},
                     "odconv_deploy_version": odconv_deploy.__version__}, tmp)
     print(f"converted {len(result.layers)} ODConv layers of {args.model} ({loaded.weights}) "
           f"to '{args.strategy}' {result.layer_strategies}, folded {result.folded_bn_count} "

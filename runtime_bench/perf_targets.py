@@ -53,6 +53,11 @@ VARIANTS = {
 }
 
 
+def is_met(ratio_q75: float | None, target_ratio: float) -> bool:
+    """A target is met when the upper quartile of the interleaved ratios is within it."""
+    return ratio_q75 is not None and ratio_q75 <= target_ratio
+
+
 def record_key(record: dict[str, object]) -> tuple[object, ...]:
     """Identity of a record: the target row, threads and variant."""
     return tuple(record.get(k) for k in ("model", "kernel_num", "backend", "batch", "threads",
@@ -87,7 +92,9 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
                 "static_median_ms": twin.latency.get("median_ms"),
                 "ratio": ratio, "ratio_q25": row.ratio_to_static.get("ratio_q25"),
                 "ratio_q75": row.ratio_to_static.get("ratio_q75"),
-                "met": ratio is not None and ratio <= target.target_ratio,
+                # Met only when the upper quartile of the A/B ratios is within the target, so
+                # a noisy row whose median dips under it does not count.
+                "met": is_met(row.ratio_to_static.get("ratio_q75"), target.target_ratio),
                 "floor_ms": row.floor_ms, "achieved_gflops": row.achieved_gflops,
                 "weight_mb": row.weight_mb,
                 "delegated_share": next((a["details"].get("conv_matmul_macs_delegated_share")
@@ -108,7 +115,8 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
              f"{machine.get('isa', 'ISA not recorded')}); torch {machine['torch']}, "
              f"onnxruntime {machine['onnxruntime']}, executorch {machine['executorch']}.",
              "Ratio = median of interleaved A/B rounds (ODConv deploy graph / static twin), "
-             "IQR in brackets; latencies are per batch.", "",
+             "IQR in brackets; latencies are per batch; met = upper quartile of the ratio "
+             "within the target.", "",
              "| graph | runtime | batch | strategy (batch axis) | threads | ODConv ms | static ms "
              "| ratio | target | met | floor ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],

@@ -121,4 +121,5 @@ def test_cli_convert_auto(tmp_path, capsys):
     saved = torch.load(out, weights_only=False)
     assert saved["strategy"] == "auto"
     assert saved["layer_strategies"] == {"im2col": 34, "dynamic_weight": 17}
+    assert saved["layer_forms"]["features.1.conv.0.0"] == "dynamic_weight"  # the first depthwise
     assert "'dynamic_weight': 17" in capsys.readouterr().out
