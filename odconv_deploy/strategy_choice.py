@@ -6,17 +6,19 @@ float64 verification as a named strategy. The rules come from measurements on th
 
 - **ONNX / ORT with a fixed batch**: depthwise layers take ``dynamic_weight`` (ONNX Runtime's
   Conv with a computed ``[C, 1, k, k]`` weight beats the one-hot im2col + reduce, which writes
-  ``k*k`` copies of the activation: od_mobilenetv2_100 k=4 batch 1 went from 4.7x to 2.8x);
+  ``k*k`` copies of the activation: od_mobilenetv2_100 k=4 batch 1 went from 4.45x to 2.71x);
   every other layer keeps ``im2col`` (od_resnet18: all-``dynamic_weight`` 2.0x vs ``im2col``
   1.8x).
-- **ONNX / ORT with a dynamic batch**: ``im2col`` everywhere (``dynamic_weight`` bakes the
-  batch into the graph).
+- **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the
+  rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph). Per layer, 1 thread,
+  the od_mobilenetv2_100 depthwise shapes: stride 1 is 15-30% faster as taps (144 ch at 56x56:
+  3.6 vs 5.1 ms), stride 2 is 35-90% slower (strided slices: 96 ch at 112x112, 6.7 vs 4.6 ms).
+  Whole od_mobilenetv2_100 k=4, batch 1: 4.53x -> 3.98x of static.
 - **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (k*k strided slices scaled
-  and summed instead of the one-hot im2col: od_mobilenetv2_100 k=4 went from 12.0x to 6.8x of
-  static), every other layer ``im2col``; never ``dynamic_weight``, since XNNPACK does not
+  and summed instead of the one-hot im2col: od_mobilenetv2_100 k=4 went from 11.06x to 6.76x
+  of static), every other layer ``im2col``; never ``dynamic_weight``, since XNNPACK does not
   delegate a conv whose weight is computed at run time (the reference graph runs 60x slower
-  than static for that reason). ONNX Runtime gains nothing from ``depthwise_taps`` on the
-  whole model (4.92x vs 4.85x), so ONNX keeps ``im2col`` with a dynamic batch.
+  than static for that reason). Taps win at stride 2 too here (14.7 vs 17.3 ms).
 - **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
   as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
   frontend), while small networks with the same layers convert.
@@ -61,11 +63,13 @@ class AutoStrategy:
     def choose(self, spec: ODConvSpec) -> str:
         """The deploy strategy for one layer (see the module docstring for why)."""
         depthwise = spec.groups == spec.in_channels == spec.out_channels
-        if self.target in ("onnx", "ort") and not self.dynamic_batch and depthwise:
-            return "dynamic_weight"
-        if self.target == "pte" and depthwise:
+        if not depthwise or self.target in ("coreml", "torch"):
+            return DEFAULT_STRATEGY
+        if self.target == "pte":
             return "depthwise_taps"
-        return DEFAULT_STRATEGY
+        if not self.dynamic_batch:  # ONNX / ORT, batch 1
+            return "dynamic_weight"
+        return "depthwise_taps" if spec.stride == 1 else DEFAULT_STRATEGY
 
 
 def check_strategy_name(strategy: str) -> None:

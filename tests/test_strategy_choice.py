@@ -1,11 +1,19 @@
 """strategy="auto": per-layer choice from the export target, exact, recorded in the artifacts."""
 
+import itertools
+
 import onnx
 import pytest
 import torch
 
 from export import ExportError, export_executorch, export_formats, export_onnx
-from odconv_deploy import AutoStrategy, UnsupportedLayerError, convert_model, inspect_odconv
+from odconv_deploy import (
+    AutoStrategy,
+    ODConv2d,
+    UnsupportedLayerError,
+    convert_model,
+    inspect_odconv,
+)
 from odconv_deploy.cli import main
 from tests.helpers import randomize_odconv
 from tests.test_export import UserNet, _assert_matches, _run_onnx
@@ -25,12 +33,16 @@ def test_rules(user_net):
     fixed_ort = AutoStrategy("ort", dynamic_batch=False)
     assert fixed_ort.choose(depthwise) == "dynamic_weight"
     assert fixed_ort.choose(dense) == "im2col"
-    for target in ("onnx", "ort", "coreml", "torch"):  # any batch: never batch-baked
-        assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "im2col"
-    for target in ("coreml", "torch"):
-        assert AutoStrategy(target, dynamic_batch=False).choose(depthwise) == "im2col"
+    strided = inspect_odconv(ODConv2d(8, 8, 3, stride=2, padding=1, groups=8), "strided")
+    for target in ("onnx", "ort"):  # any batch: never batch-baked
+        assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "depthwise_taps"
+        assert AutoStrategy(target, dynamic_batch=True).choose(strided) == "im2col"
+        assert AutoStrategy(target, dynamic_batch=True).choose(dense) == "im2col"
+    for target, batch_axis in itertools.product(("coreml", "torch"), (True, False)):
+        assert AutoStrategy(target, dynamic_batch=batch_axis).choose(depthwise) == "im2col"
     for batch_axis in (True, False):  # XNNPACK: never a computed conv weight
         assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(depthwise) == "depthwise_taps"
+        assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(strided) == "depthwise_taps"
         assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(dense) == "im2col"
 
 
@@ -76,7 +88,7 @@ def test_fixed_batch_onnx_records_the_mix_and_matches(user_net, tmp_path):
 def test_dynamic_batch_auto_keeps_every_layer_batch_agnostic(user_net, tmp_path):
     result = export_onnx(user_net, tmp_path / "auto_dyn.onnx", strategy="auto",
                          input_shape=SHAPE)
-    assert result.options["layer_strategies"] == {"im2col": 2}
+    assert result.options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
