@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import export
-from odconv_deploy import DEPLOY_STRATEGIES, ODConv2d, convert_model
+from odconv_deploy import DEPLOY_STRATEGIES, LAYER_FORMS, ODConv2d, convert_model
 from tests.helpers import randomize_odconv
 
 EXAMPLES = int(os.environ.get("ODCONV_HYPOTHESIS_EXAMPLES", "25"))
@@ -39,9 +39,15 @@ EXPORT_EXAMPLES = int(os.environ.get("ODCONV_HYPOTHESIS_EXPORT_EXAMPLES", "8"))
 COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-#: Strategies whose exported graphs take any batch (dynamic_weight bakes it in).
+#: Strategies whose exported graphs take any batch (dynamic_weight bakes it in; "auto" with a
+#: dynamic batch never picks it).
 DYNAMIC_BATCH_STRATEGIES = sorted(s for s, cls in DEPLOY_STRATEGIES.items()
-                                  if cls.supports_dynamic_batch)
+                                  if cls.supports_dynamic_batch) + ["auto"]
+#: Every way to convert: each named strategy, and "auto" for each (target, dynamic batch) whose
+#: rules differ, so the per-layer forms (depthwise_taps included) are all exercised.
+CONVERSIONS = [(s, {}) for s in DEPLOY_STRATEGIES] + [
+    ("auto", {"target": t, "dynamic_batch": b})
+    for t, b in (("onnx", True), ("onnx", False), ("pte", True))]
 
 
 @dataclass(frozen=True)
@@ -141,12 +147,12 @@ def test_deploy_forms_match_train_form_float64(cfg):
     assert tuple(ref.shape) == (cfg.batch, cfg.out_ch) + expected_hw
     bound = 1e-10 * max(1.0, ref.abs().max().item())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for strategy in DEPLOY_STRATEGIES:
-        result = convert_model(model, strategy=strategy)
+    for strategy, options in CONVERSIONS:
+        result = convert_model(model, strategy=strategy, **options)
         deploy = result.model
         assert result.folded_bn_count == 1, (strategy, cfg)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules()), strategy
-        assert isinstance(deploy[0], DEPLOY_STRATEGIES[strategy])
+        assert isinstance(deploy[0], LAYER_FORMS[result.layers[0].strategy])
         assert all(p.dtype == torch.float64 for p in deploy.parameters())
         with torch.no_grad():
             out = deploy(x)
@@ -169,8 +175,8 @@ def test_deploy_forms_are_batch_independent(cfg):
     """Sample i of a batch gives what sample i alone gives (no cross-sample leakage)."""
     model = cfg.model().double()
     x = cfg.input(batch=max(2, cfg.batch))
-    for strategy in DEPLOY_STRATEGIES:
-        deploy = convert_model(model, strategy=strategy, verify=False).model
+    for strategy, options in CONVERSIONS:
+        deploy = convert_model(model, strategy=strategy, verify=False, **options).model
         with torch.no_grad():
             batched = deploy(x)
             single = torch.cat([deploy(x[i:i + 1]) for i in range(x.shape[0])])
