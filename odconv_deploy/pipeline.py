@@ -199,7 +199,8 @@ class _Pipeline:
                               if k in ("nodes_before", "nodes_after", "max_rank",
                                        "conv_matmul_macs_delegated_share", "max_batch_planned"))
             if r.options.get("layer_strategies"):
-                extra += f"; layers: {format_layer_strategies(r.options['layer_strategies'])}"
+                layers = f"layers: {format_layer_strategies(r.options['layer_strategies'])}"
+                extra = f"{extra}; {layers}" if extra else layers
             rows.append(f"| {r.format.value} | `{r.path.name}` | "
                         f"{r.file_size_bytes / 1e6:.1f} | {extra} |")
             rows += [f"| | | | note: {n} |" for n in r.notes]

@@ -12,8 +12,10 @@ from odconv_deploy.pipeline import PipelineOptions, run_pipeline
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    code = main(["run", "--model", "od_tinynet_digits", "--quick", "--formats",
-                 "onnx,onnx-sim,ort,pte", "--backends", "ort,pte", "--out", str(out)])
+    # strategy auto: each format gets its own per-layer forms (the depthwise conv2 differs).
+    code = main(["run", "--model", "od_tinynet_digits", "--quick", "--strategy", "auto",
+                 "--formats", "onnx,onnx-sim,ort,pte", "--backends", "ort,pte",
+                 "--out", str(out)])
     return code, out
 
 
@@ -32,6 +34,8 @@ def test_run_writes_complete_report(digits_run):
     for heading in ("## Artifacts", "## Validation", "### Test accuracy", "## Latency",
                     "## Environment"):
         assert heading in md
+    assert "| onnx | `od_tinynet_digits.onnx` | " in md
+    assert "layers: depthwise_taps:1,im2col:3" in md  # ONNX (dynamic batch) and .pte alike
     assert (out / "artifacts" / "od_tinynet_digits.ort").is_file()
     assert (out / "bench" / "latency.png").is_file()
     assert (out / "od_tinynet_digits_deploy.pt").is_file()
