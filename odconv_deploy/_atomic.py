@@ -47,10 +47,12 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         overwrite: Replace an existing ``path``; otherwise raise :class:`OutputPathError`.
     """
     path = Path(path)
+    created = _missing_folders(path.parent)  # made by check_writable; removed again on failure
     check_writable(path, overwrite=overwrite)
     suffix = "".join(path.suffixes)
     tmp_parent = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     tmp = Path(tmp_parent) / f"out{suffix}"
+    done = False
     try:
         yield tmp
         if not tmp.exists():
@@ -61,5 +63,19 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
             else:
                 path.unlink()
         os.replace(tmp, path)
+        done = True
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
+        if not done:
+            for folder in created:  # deepest first; only while still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing

@@ -596,6 +596,20 @@ def test_atomic_output_that_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_write_removes_the_folders_it_created_and_keeps_others(tmp_path):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("user file")
+    with pytest.raises(ValueError):
+        with atomic_output(tmp_path / "new" / "deeper" / "m.onnx") as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError("export failed")
+    with pytest.raises(ValueError):
+        with atomic_output(tmp_path / "kept" / "m.onnx"):
+            raise ValueError("export failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # no empty new/deeper
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["other.txt"]
+
+
 def test_atomic_output_success_leaves_only_the_target(tmp_path):
     with atomic_output(tmp_path / "sub" / "m.sim.onnx") as tmp:
         assert tmp.name == "out.sim.onnx"
