@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from odconv_deploy.errors import UnsupportedLayerError
-from odconv_deploy.layers.odconv import as_square
+from odconv_deploy.layers.odconv import as_square, is_depthwise
 
 HEAD_NAMES = ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")
 
@@ -42,6 +42,11 @@ class ODConvSpec:
     fc_weight: torch.Tensor  # [A, C_in]
     bn: nn.BatchNorm2d
     heads: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (weight [n, A], bias [n])
+
+    @property
+    def depthwise(self) -> bool:
+        """Whether the layer is depthwise (``groups == C_in == C_out``)."""
+        return is_depthwise(self.in_channels, self.out_channels, self.groups)
 
     @property
     def attention_channels(self) -> int:

@@ -62,8 +62,7 @@ class AutoStrategy:
 
     def choose(self, spec: ODConvSpec) -> str:
         """The deploy strategy for one layer (see the module docstring for why)."""
-        depthwise = spec.groups == spec.in_channels == spec.out_channels
-        if not depthwise or self.target in ("coreml", "torch"):
+        if not spec.depthwise or self.target in ("coreml", "torch"):
             return DEFAULT_STRATEGY
         if self.target == "pte":
             return "depthwise_taps"

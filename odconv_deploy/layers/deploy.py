@@ -27,7 +27,7 @@ from torch import nn
 from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.fusion import fold_bn_into_linear, fold_output_bn, stack_attention_heads
 from odconv_deploy.layers.im2col import im2col, onehot_tap_kernel
-from odconv_deploy.layers.odconv import Attentions, check_conv_input
+from odconv_deploy.layers.odconv import Attentions, check_conv_input, is_depthwise
 
 if TYPE_CHECKING:  # detect imports layers.odconv; avoid the cycle at run time
     from odconv_deploy.detect import ODConvSpec
@@ -75,7 +75,7 @@ class ODConv2dDeploy(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        depthwise = in_channels == groups == out_channels
+        depthwise = is_depthwise(in_channels, out_channels, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -84,6 +84,7 @@ class ODConv2dDeploy(nn.Module):
         self.dilation = dilation
         self.groups = groups
         self.kernel_num = kernel_num
+        self.depthwise = depthwise
         self.has_filter = (not depthwise) if filter_attention is None else filter_attention
         self.has_spatial = (kernel_size > 1) if spatial_attention is None else spatial_attention
         self.has_kernel = (kernel_num > 1) if kernel_attention is None else kernel_attention
@@ -218,15 +219,17 @@ class Im2colODConv2d(ODConv2dDeploy):
     def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return weight.reshape(self.kernel_num, -1).t()
 
+    def aggregated_weight(self, att: Attentions) -> torch.Tensor:
+        """Kernel aggregation, one fully-connected op over the bank: ``[B or 1, N]``."""
+        return F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
         self._check(x)
         att = self.attentions(x)
         g, cin_g, cout_g, taps = (self.groups, self.in_channels // self.groups,
                                   self.out_channels // self.groups, self.taps)
-        # Kernel aggregation: one fully-connected op over the kernel bank -> [B or 1, N].
-        weight = F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
-        weight = weight.reshape(-1, g, cout_g, cin_g * taps)
+        weight = self.aggregated_weight(att).reshape(-1, g, cout_g, cin_g * taps)
         pixels = x.shape[2] * x.shape[3]
         out_pixels = pixels // (self.stride * self.stride)
         # Channel attention on the input map (C_in*H*W) or on the weight (C_out*C_in/g*k*k),
@@ -251,7 +254,7 @@ class Im2colODConv2d(ODConv2dDeploy):
         cols = im2col(x, self.tap_kernel, self.kernel_size, self.stride, self.padding,
                       self.dilation)
         batch, out_h, out_w = cols.shape[0], cols.shape[2], cols.shape[3]
-        if self.groups == self.in_channels == self.out_channels:
+        if self.depthwise:
             # Depthwise: multiply-accumulate over the k*k taps of each channel.
             cols = cols.reshape(batch, self.out_channels, taps, -1)
             weight = weight.reshape(-1, self.out_channels, taps, 1)
@@ -276,7 +279,7 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: object
                  ) -> None:
         groups = kwargs.get("groups", 1)
-        if not in_channels == groups == out_channels:
+        if not is_depthwise(in_channels, out_channels, groups):
             raise UnsupportedLayerError(
                 f"Strategy 'depthwise_taps' takes depthwise layers only (in_channels == groups "
                 f"== out_channels); got in={in_channels}, out={out_channels}, groups={groups}. "
@@ -290,8 +293,7 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
         att = self.attentions(x)
         channels, taps, k, s, d = (self.out_channels, self.taps, self.kernel_size, self.stride,
                                    self.dilation)
-        weight = F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
-        weight = weight.reshape(-1, channels, taps) * att.channel[:, :, None]
+        weight = self.aggregated_weight(att).reshape(-1, channels, taps) * att.channel[:, :, None]
         if att.spatial is not None:
             weight = weight * att.spatial[:, None, :]
         p = self.padding

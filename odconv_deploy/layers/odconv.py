@@ -90,8 +90,8 @@ class ODAttention(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.channel_fc = nn.Conv2d(channels, in_planes, 1, bias=True)
         # Heads the reference drops because they would be trivial (attention == 1).
-        is_depthwise = in_planes == groups and in_planes == out_planes
-        self.filter_fc = None if is_depthwise else nn.Conv2d(channels, out_planes, 1, bias=True)
+        depthwise = is_depthwise(in_planes, out_planes, groups)
+        self.filter_fc = None if depthwise else nn.Conv2d(channels, out_planes, 1, bias=True)
         self.spatial_fc = (
             None if kernel_size == 1 else nn.Conv2d(channels, kernel_size * kernel_size, 1)
         )
@@ -255,6 +255,11 @@ class ODConv2d(nn.Module):
 def repr_head(module: nn.Module) -> str:
     """Short description of a layer for error messages: class name and constructor arguments."""
     return f"{type(module).__name__}({module.extra_repr()})"
+
+
+def is_depthwise(in_channels: int, out_channels: int, groups: int) -> bool:
+    """Whether a conv is depthwise (``groups == C_in == C_out``): one filter per channel."""
+    return in_channels == groups == out_channels
 
 
 def check_conv_input(x: torch.Tensor, in_channels: int, layer: str,
