@@ -34,6 +34,7 @@ def export_formats(
     *,
     stem: str | None = None,
     strategy: str | None = None,
+    converted: nn.Module | None = None,
     io_spec: IOSpec | None = None,
     input_shape: tuple[int, ...] | None = None,
     opset: int = DEFAULT_OPSET,
@@ -46,13 +47,14 @@ def export_formats(
 
     ``ort`` is made from the simplified ONNX model (``onnx`` and ``onnx-sim`` are produced for
     it if not requested). A format that fails yields a result with ``ok=False`` and the
-    reason; the others still run. A train-form model is converted once for every format, except
-    with ``strategy="auto"``, where each exporter converts it for its own target.
+    reason; the others still run. A train-form model is converted once for every format (or
+    ``converted``, the caller's conversion of it with ``strategy``, is reused), except with
+    ``strategy="auto"``, where each exporter converts the train form for its own target.
     """
     out = fspath(out_dir)
     name = stem or getattr(model, "zoo_name", None) or type(model).__name__
     if strategy != AUTO_STRATEGY and find_odconv_layers(model):  # once, verified, for all
-        model = convert_model(model, strategy=strategy or DEFAULT_STRATEGY).model
+        model = converted or convert_model(model, strategy=strategy or DEFAULT_STRATEGY).model
         strategy = None
     common = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite,
                   strategy=strategy)

@@ -89,10 +89,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             results = [artifact_result(fmt, path, loaded.io_spec, dynamic_batch=not
                                        args.static_batch) for fmt, path in given]
         else:
-            auto = args.strategy == AUTO_STRATEGY  # then each format gets its own choice
-            results = export_formats(loaded.model if auto else deploy, args.out or tmp,
+            results = export_formats(loaded.model, args.out or tmp,
                                      parse_formats(args.formats), stem=args.model,
-                                     strategy=args.strategy if auto else None,
+                                     strategy=args.strategy, converted=deploy,
                                      io_spec=loaded.io_spec,
                                      dynamic_batch=not args.static_batch,
                                      overwrite=args.overwrite,

@@ -22,7 +22,6 @@ from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import DIGITS_MODEL, load_zoo_model
 from odconv_deploy.reparameterize import convert_model
-from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
 #: float32 whole-model tolerance of train form vs deploy form (relative to max |logit|).
 FP32_MODEL_RTOL = 1e-4
@@ -182,12 +181,10 @@ class _Pipeline:
     def export(self) -> StepOutcome:
         from export import export_formats, format_layer_strategies, parse_formats
 
-        auto = self.o.strategy == AUTO_STRATEGY  # then each format gets its own choice
         self.exports = export_formats(
-            self.loaded.model if auto else self.deploy, self.out / "artifacts",
-            parse_formats(",".join(self.o.formats)), stem=self.o.model,
-            strategy=self.o.strategy if auto else None, io_spec=self.loaded.io_spec,
-            overwrite=self.o.overwrite,
+            self.loaded.model, self.out / "artifacts", parse_formats(",".join(self.o.formats)),
+            stem=self.o.model, strategy=self.o.strategy, converted=self.deploy,
+            io_spec=self.loaded.io_spec, overwrite=self.o.overwrite,
             progress=lambda s: self.progress(f"    {s}"))
         rows = ["| format | file | MB | detail |", "|---|---|---|---|"]
         for r in self.exports:

@@ -15,7 +15,6 @@ from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, load_zoo_model, static_twin_of
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
-from odconv_deploy.strategy_choice import AUTO_STRATEGY
 from runtime_bench.backends import Backend, parse_backends
 from runtime_bench.measure import MeasureSettings, interleaved, measure
 from runtime_bench.probe import MachineProbe, machine_info, probe_machine
@@ -100,11 +99,10 @@ def _prepare(loaded: LoadedModel, config: BenchConfig, spec: IOSpec, formats: se
     if not missing:
         return model, have
     batch = "" if config.dynamic_batch else "_b1"
-    # "auto" picks per format, so every exporter gets the train form; otherwise the converted one.
-    results = export_formats(loaded.model if strategy == AUTO_STRATEGY else model, out,
-                             sorted(missing, key=lambda f: f.value),
+    results = export_formats(loaded.model, out, sorted(missing, key=lambda f: f.value),
                              stem=f"{loaded.name}_{strategy}{batch}", io_spec=spec,
-                             strategy=strategy, dynamic_batch=config.dynamic_batch,
+                             strategy=strategy, converted=model,
+                             dynamic_batch=config.dynamic_batch,
                              overwrite=config.overwrite, progress=progress)
     return model, {**{r.format: r for r in results}, **have}
 
