@@ -2,7 +2,8 @@
 
 Every choice is one of the exact deploy forms, so ``auto`` goes through the same per-layer
 float64 verification as a named strategy. The rules come from measurements on this project's
-2-core x86 machine (``runtime_bench/results/perf_targets.md``, ratios to the static twin):
+2-core x86 machine: whole models in ``runtime_bench/results/perf_targets.md`` (ratios to the
+static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms.md``:
 
 - **ONNX / ORT with a fixed batch**: depthwise layers take ``dynamic_weight`` (ONNX Runtime's
   Conv with a computed ``[C, 1, k, k]`` weight beats the one-hot im2col + reduce, which writes
@@ -11,14 +12,16 @@ float64 verification as a named strategy. The rules come from measurements on th
   1.8x).
 - **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the
   rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph). Per layer, 1 thread,
-  the od_mobilenetv2_100 depthwise shapes: stride 1 is 15-30% faster as taps (144 ch at 56x56:
-  3.6 vs 5.1 ms), stride 2 is 35-90% slower (strided slices: 96 ch at 112x112, 6.7 vs 4.6 ms).
-  Whole od_mobilenetv2_100 k=4, batch 1: 4.53x -> 3.98x of static.
+  the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 10-30% faster (144 ch at 56x56:
+  3.44 vs 4.92 ms), at stride 2 38-68% slower (strided slices; 96 ch at 112x112: 6.49 vs
+  4.70 ms). Whole od_mobilenetv2_100 k=4, batch 1: 4.53x -> 3.98x of static.
 - **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (k*k strided slices scaled
   and summed instead of the one-hot im2col: od_mobilenetv2_100 k=4 went from 11.06x to 6.76x
   of static), every other layer ``im2col``; never ``dynamic_weight``, since XNNPACK does not
   delegate a conv whose weight is computed at run time (the reference graph runs 60x slower
-  than static for that reason). Taps win at stride 2 too here (14.7 vs 17.3 ms).
+  than static for that reason). Per layer, taps are 1.8-5.5x faster at stride 1 and mixed at
+  stride 2 (96 ch at 112x112: 14.76 vs 17.71 ms; the three smaller stride-2 shapes 8-31%
+  slower), 24.1 vs 26.0 ms summed over the stride-2 shapes, so all depthwise layers take taps.
 - **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
   as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
   frontend), while small networks with the same layers convert.

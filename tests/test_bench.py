@@ -121,3 +121,28 @@ def test_fresh_process_measures_in_a_new_interpreter():
     here = measure(make, feed, MeasureSettings(warmup=1, iterations=3))
     assert fresh.process_id != os.getpid() and here.process_id == os.getpid()
     assert fresh.stats.n == 3 and fresh.cold_start_s > 0 and fresh.peak_rss_mb > 0
+
+
+def test_ort_op_type_profile_counts_the_nodes_it_ran(tmp_path):
+    from export import export_onnx
+    from odconv_deploy import create_model
+    from runtime_bench.ort_profile import op_type_profile
+
+    model = create_model("od_tinynet", kernel_num=2).eval()
+    result = export_onnx(model, tmp_path / "m.onnx", strategy="im2col")
+    (name,) = result.input_names
+    feed = {name: model.io_spec.sample_inputs(1)[0].numpy()}
+    ms, nodes = op_type_profile(result.path, feed, runs=3)
+    assert set(ms) == set(nodes) and {"Conv", "MatMul"} <= set(ms)
+    assert all(t >= 0 for t in ms.values()) and sum(ms.values()) > 0
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".onnx"]  # profile beside it
+
+
+def test_depthwise_forms_build_the_layer_asked_for():
+    from odconv_deploy import DepthwiseTapsODConv2d, Im2colODConv2d
+    from runtime_bench.depthwise_forms import build
+
+    assert isinstance(build("im2col", 8, 2, seed=0), Im2colODConv2d)
+    assert isinstance(build("depthwise_taps", 8, 1, seed=0), DepthwiseTapsODConv2d)
+    static = build("static", 8, 2, seed=0)
+    assert static.groups == 8 and static.stride == (2, 2)

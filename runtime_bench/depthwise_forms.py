@@ -1,0 +1,114 @@
+"""Per-layer latency of the depthwise deploy forms against a static depthwise conv.
+
+The evidence behind ``strategy="auto"``'s depthwise rules: for each depthwise shape of
+od_mobilenetv2_100 (kernel_num=4, batch 1), the ``im2col`` form (one-hot conv + reduce), the
+``depthwise_taps`` form (k*k strided slices) and a static depthwise ``nn.Conv2d`` are exported
+and timed in ONNX Runtime and ExecuTorch-XNNPACK, alternating so drift hits all three::
+
+    python -m runtime_bench.depthwise_forms --out runtime_bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export import export_executorch, export_onnx
+from odconv_deploy import LAYER_FORMS, ODConv2d, inspect_odconv
+from odconv_deploy._atomic import atomic_output
+from odconv_deploy.runners import ExecuTorchRunner, OnnxRuntimeRunner
+from runtime_bench.probe import machine_info
+
+#: (channels, input size, stride) of od_mobilenetv2_100's 3x3 depthwise layers (distinct ones).
+SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
+          (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1))
+FORMS = ("im2col", "depthwise_taps", "static")
+
+
+def build(form: str, channels: int, stride: int, seed: int) -> nn.Module:
+    """One depthwise layer in ``form`` (random weights; latency does not depend on them)."""
+    torch.manual_seed(seed)
+    if form == "static":
+        return nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False).eval()
+    layer = ODConv2d(channels, channels, 3, stride, 1, groups=channels, kernel_num=4).eval()
+    return LAYER_FORMS[form].from_spec(inspect_odconv(layer)).eval()
+
+
+def measure_shape(channels: int, size: int, stride: int, backends: list[str], iterations: int,
+                  work: Path) -> dict[str, dict[str, float]]:
+    """Median ms per (backend, form) for one shape."""
+    shape = (1, channels, size, size)
+    runners = {}
+    for form in FORMS:
+        model = build(form, channels, stride, seed=channels)
+        stem = work / f"dw_{channels}_{size}_{stride}_{form}"
+        if "ort" in backends:
+            result = export_onnx(model, f"{stem}.onnx", input_shape=shape, overwrite=True)
+            runners["ort", form] = OnnxRuntimeRunner(result.path, threads=1)
+        if "pte" in backends:
+            result = export_executorch(model, f"{stem}.pte", input_shape=shape,
+                                       dynamic_batch=False, overwrite=True)
+            runners["pte", form] = ExecuTorchRunner.from_export(result, threads=1)
+    feed = {"input": torch.randn(shape).numpy()}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
+    for runner in runners.values():
+        runner.activate()
+    try:
+        for i in range(iterations + 3):  # 3 warm-up rounds
+            for key, runner in runners.items():
+                start = time.perf_counter()
+                runner.infer(feed)
+                if i >= 3:
+                    times[key].append(time.perf_counter() - start)
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
+    medians: dict[str, dict[str, float]] = {}
+    for (backend, form), samples in times.items():
+        medians.setdefault(backend, {})[form] = 1e3 * statistics.median(samples)
+    return medians
+
+
+def main() -> None:
+    """Measure every shape and write ``depthwise_forms.{json,md}``."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runtime_bench/results"))
+    parser.add_argument("--backends", default="ort,pte")
+    parser.add_argument("--iterations", type=int, default=25)
+    args = parser.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    records = []
+    with tempfile.TemporaryDirectory(prefix="depthwise_forms_") as work:
+        for channels, size, stride in SHAPES:
+            medians = measure_shape(channels, size, stride, backends, args.iterations,
+                                    Path(work))
+            for backend, by_form in medians.items():
+                records.append({"channels": channels, "size": size, "stride": stride,
+                                "backend": backend, **{f"{f}_ms": by_form[f] for f in FORMS}})
+                print(records[-1], flush=True)
+    machine = machine_info()
+    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, {machine['isa']}); 1 thread, "
+             f"batch 1, kernel_num 4, median of {args.iterations} alternating runs (ms).", "",
+             "| backend | channels | size | stride | im2col | depthwise_taps | static conv |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['backend']} | {r['channels']} | {r['size']} | {r['stride']} | "
+              f"{r['im2col_ms']:.2f} | {r['depthwise_taps_ms']:.2f} | {r['static_ms']:.2f} |"
+              for r in sorted(records, key=lambda r: r["backend"])]
+    with atomic_output(args.out / "depthwise_forms.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"machine": machine, "iterations": args.iterations,
+                                   "records": records}, indent=2))
+    with atomic_output(args.out / "depthwise_forms.md", overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Where an ONNX model's time goes in ONNX Runtime: kernel time per operator type.
+
+Exports a zoo model (ODConv deploy form with ``--strategy``, or its static twin with
+``--static``) at 224x224, runs it with ONNX Runtime's own profiler on one thread and prints
+milliseconds per run for each operator type::
+
+    python -m runtime_bench.ort_profile --model od_resnet18 --strategy im2col
+    python -m runtime_bench.ort_profile --model od_mobilenetv2_100 --strategy auto --static-batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from export import export_onnx
+from odconv_deploy.model_source import load_zoo_model, static_twin_of
+from odconv_deploy.runners import OnnxRuntimeRunner
+
+
+def op_type_profile(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: int
+                    ) -> tuple[dict[str, float], dict[str, int]]:
+    """Milliseconds per run and node count per operator type (ONNX Runtime, 1 thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(onnx_path).with_suffix(""))
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    micros, nodes = Counter(), Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            micros[event["args"]["op_name"]] += event["dur"]
+            nodes[event["args"]["op_name"]] += 1
+    return ({op: us / runs / 1e3 for op, us in micros.most_common()},
+            {op: n // runs for op, n in nodes.items()})
+
+
+def main() -> None:
+    """Export, profile and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="od_resnet18")
+    parser.add_argument("--kernel-num", type=int, default=4)
+    parser.add_argument("--strategy", default="im2col")
+    parser.add_argument("--static-batch", action="store_true")
+    parser.add_argument("--static", action="store_true", help="profile the static twin instead")
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    loaded = load_zoo_model(args.model, kernel_num=args.kernel_num)
+    item = static_twin_of(loaded) if args.static else loaded
+    with tempfile.TemporaryDirectory(prefix="ort_profile_") as work:
+        result = export_onnx(item.model, Path(work) / "m.onnx", strategy=args.strategy,
+                             dynamic_batch=not args.static_batch, io_spec=loaded.io_spec)
+        runner = OnnxRuntimeRunner(result.path)
+        (name,) = result.input_names
+        feed = {name: loaded.io_spec.sample_inputs(1)[0].numpy()}
+        with runner:  # warm-up outside the profile
+            for _ in range(3):
+                runner.infer(feed)
+        ms, nodes = op_type_profile(result.path, feed, args.runs)
+    print(f"{item.name} ({'static' if args.static else args.strategy}), "
+          f"layers {result.options.get('layer_strategies')}, 1 thread, mean of {args.runs} runs")
+    print("| op type | ms per run | nodes |\n|---|---|---|")
+    for op, t in ms.items():
+        print(f"| {op} | {t:.2f} | {nodes[op]} |")
+    print(f"| total | {sum(ms.values()):.2f} | {sum(nodes.values())} |")
+
+
+if __name__ == "__main__":
+    main()
