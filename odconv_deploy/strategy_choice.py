@@ -5,23 +5,22 @@ float64 verification as a named strategy. The rules come from measurements on th
 2-core x86 machine: whole models in ``runtime_bench/results/perf_targets.md`` (ratios to the
 static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms.md``:
 
-- **ONNX / ORT with a fixed batch**: depthwise layers take ``dynamic_weight`` (ONNX Runtime's
-  Conv with a computed ``[C, 1, k, k]`` weight beats the one-hot im2col + reduce, which writes
-  ``k*k`` copies of the activation: od_mobilenetv2_100 k=4 batch 1 went from 4.45x to 2.71x);
-  every other layer keeps ``im2col`` (od_resnet18: all-``dynamic_weight`` 2.0x vs ``im2col``
-  1.8x).
+- **ONNX / ORT with a fixed batch**: every layer takes ``dynamic_weight``: ONNX Runtime's
+  own Conv on the computed weight beats both the one-hot im2col + MatMul (which pays for the
+  im2col map) and, for depthwise layers, the one-hot im2col + reduce (which writes ``k*k``
+  copies of the activation). Whole models, batch 1, 1 thread: od_resnet18 k=4 1.81x -> 1.55x
+  of static, k=1 1.51x -> 1.31x, od_mobilenetv2_100 k=4 4.45x -> 2.53x.
 - **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the
   rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph). Per layer, 1 thread,
-  the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 10-30% faster (144 ch at 56x56:
-  3.44 vs 4.92 ms), at stride 2 38-68% slower (strided slices; 96 ch at 112x112: 6.49 vs
-  4.70 ms). Whole od_mobilenetv2_100 k=4, batch 1: 4.53x -> 3.98x of static.
-- **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (k*k strided slices scaled
-  and summed instead of the one-hot im2col: od_mobilenetv2_100 k=4 went from 11.06x to 6.76x
-  of static), every other layer ``im2col``; never ``dynamic_weight``, since XNNPACK does not
-  delegate a conv whose weight is computed at run time (the reference graph runs 60x slower
-  than static for that reason). Per layer, taps are 1.8-5.5x faster at stride 1 and mixed at
-  stride 2 (96 ch at 112x112: 14.76 vs 17.71 ms; the three smaller stride-2 shapes 8-31%
-  slower), 24.1 vs 26.0 ms summed over the stride-2 shapes, so all depthwise layers take taps.
+  the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 12-29% faster (144 ch at 56x56:
+  3.69 vs 5.21 ms), at stride 2 31-52% slower (96 ch at 112x112: 6.52 vs 4.96 ms).
+  Whole od_mobilenetv2_100 k=4, batch 1: 4.53x -> 3.98x of static.
+- **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (every other layer
+  ``im2col``): per layer it beats the one-hot im2col at every od_mobilenetv2_100 shape, 1.8-4.6x
+  at stride 1 and 1.2-2x at stride 2, where it reads the taps from the input's phases (96 ch
+  at 112x112: 9.03 vs 18.42 ms). Never ``dynamic_weight``: XNNPACK does not delegate a conv
+  whose weight is computed at run time (the reference graph runs 60x slower than static for
+  that reason).
 - **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
   as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
   frontend), while small networks with the same layers convert.
@@ -65,12 +64,12 @@ class AutoStrategy:
 
     def choose(self, spec: ODConvSpec) -> str:
         """The deploy strategy for one layer (see the module docstring for why)."""
+        if self.target in ("onnx", "ort") and not self.dynamic_batch:
+            return "dynamic_weight"
         if not spec.depthwise or self.target in ("coreml", "torch"):
             return DEFAULT_STRATEGY
         if self.target == "pte":
             return "depthwise_taps"
-        if not self.dynamic_batch:  # ONNX / ORT, batch 1
-            return "dynamic_weight"
         return "depthwise_taps" if spec.stride == 1 else DEFAULT_STRATEGY
 
 

@@ -2,7 +2,7 @@
 
 Exports a zoo model (ODConv deploy form with ``--strategy``, or its static twin with
 ``--static``) at 224x224, runs it with ONNX Runtime's own profiler on one thread and prints
-milliseconds per run for each operator type::
+milliseconds per run for each operator type, then the slowest nodes with their input shapes::
 
     python -m runtime_bench.ort_profile --model od_resnet18 --strategy im2col
     python -m runtime_bench.ort_profile --model od_mobilenetv2_100 --strategy auto --static-batch
@@ -24,8 +24,11 @@ from odconv_deploy.runners import OnnxRuntimeRunner
 
 
 def op_type_profile(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: int
-                    ) -> tuple[dict[str, float], dict[str, int]]:
-    """Milliseconds per run and node count per operator type (ONNX Runtime, 1 thread)."""
+                    ) -> tuple[dict[str, float], dict[str, int], list[tuple[float, str, str]]]:
+    """Per operator type: milliseconds per run and node count (ONNX Runtime, 1 thread).
+
+    Also returns every node as ``(ms per run, op type, input shapes)``, slowest first.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -36,13 +39,18 @@ def op_type_profile(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: in
     for _ in range(runs):
         session.run(None, feed)
     events = json.loads(Path(session.end_profiling()).read_text())
-    micros, nodes = Counter(), Counter()
+    micros, nodes, per_node, described = Counter(), Counter(), Counter(), {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            micros[event["args"]["op_name"]] += event["dur"]
-            nodes[event["args"]["op_name"]] += 1
+            op = event["args"]["op_name"]
+            micros[op] += event["dur"]
+            nodes[op] += 1
+            per_node[event["name"]] += event["dur"]
+            shapes = [next(iter(d.values())) for d in event["args"].get("input_type_shape", [])]
+            described[event["name"]] = (op, str(shapes))
+    slowest = [(us / runs / 1e3, *described[name]) for name, us in per_node.most_common()]
     return ({op: us / runs / 1e3 for op, us in micros.most_common()},
-            {op: n // runs for op, n in nodes.items()})
+            {op: n // runs for op, n in nodes.items()}, slowest)
 
 
 def main() -> None:
@@ -55,6 +63,7 @@ def main() -> None:
     parser.add_argument("--static-batch", action="store_true")
     parser.add_argument("--static", action="store_true", help="profile the static twin instead")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--top", type=int, default=15, help="slowest nodes to list")
     args = parser.parse_args()
     loaded = load_zoo_model(args.model, kernel_num=args.kernel_num)
     item = static_twin_of(loaded) if args.static else loaded
@@ -67,13 +76,16 @@ def main() -> None:
         with runner:  # warm-up outside the profile
             for _ in range(3):
                 runner.infer(feed)
-        ms, nodes = op_type_profile(result.path, feed, args.runs)
+        ms, nodes, slowest = op_type_profile(result.path, feed, args.runs)
     print(f"{item.name} ({'static' if args.static else args.strategy}), "
           f"layers {result.options.get('layer_strategies')}, 1 thread, mean of {args.runs} runs")
     print("| op type | ms per run | nodes |\n|---|---|---|")
     for op, t in ms.items():
         print(f"| {op} | {t:.2f} | {nodes[op]} |")
     print(f"| total | {sum(ms.values()):.2f} | {sum(nodes.values())} |")
+    print(f"\nslowest {args.top} nodes\n| ms per run | op type | input shapes |\n|---|---|---|")
+    for t, op, shapes in slowest[:args.top]:
+        print(f"| {t:.2f} | {op} | {shapes} |")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,13 @@ def test_ort_op_type_profile_counts_the_nodes_it_ran(tmp_path):
     result = export_onnx(model, tmp_path / "m.onnx", strategy="im2col")
     (name,) = result.input_names
     feed = {name: model.io_spec.sample_inputs(1)[0].numpy()}
-    ms, nodes = op_type_profile(result.path, feed, runs=3)
+    ms, nodes, slowest = op_type_profile(result.path, feed, runs=3)
     assert set(ms) == set(nodes) and {"Conv", "MatMul"} <= set(ms)
     assert all(t >= 0 for t in ms.values()) and sum(ms.values()) > 0
+    assert len(slowest) == sum(nodes.values())  # one entry per node, slowest first
+    assert [t for t, _, _ in slowest] == sorted((t for t, _, _ in slowest), reverse=True)
+    assert sum(t for t, _, _ in slowest) == pytest.approx(sum(ms.values()))
+    assert any(op == "MatMul" and shapes.startswith("[[") for _, op, shapes in slowest)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".onnx"]  # profile beside it
 
 

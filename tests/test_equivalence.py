@@ -29,6 +29,8 @@ def _configs():
         (5, 11, 7, 1, 3, 1, 1, 8), (6, 9, 5, 2, 2, 2, 3, 2), (4, 8, 3, 1, 2, 2, 4, 4),
         (3, 7, 1, 1, 0, 1, 1, 8), (16, 16, 3, 2, 1, 1, 16, 8), (10, 4, 3, 1, 0, 2, 2, 1),
         (4, 12, 3, 1, 1, 1, 4, 2),  # groups == C_in but C_out != C_in: filter head kept
+        (6, 6, 3, 3, 2, 2, 6, 4),  # depthwise, stride 3 + dilation: 9 phases
+        (32, 160, 1, 2, 0, 1, 1, 1),  # no per-sample weight factor: one shared kernel
     ]
     rng = random.Random(2022)
     sweep = list(itertools.product([3, 5, 8], [4, 7, 8], [1, 3, 5, 7], [1, 2], ["zero", "half"],
@@ -65,7 +67,7 @@ def test_depthwise_taps_is_exact_float64(cfg):
 def test_the_sweep_has_enough_depthwise_geometries():
     assert len(DEPTHWISE_CONFIGS) >= 10
     assert {c[2] for c in DEPTHWISE_CONFIGS} >= {3, 5}
-    assert {c[3] for c in DEPTHWISE_CONFIGS} == {1, 2}
+    assert {c[3] for c in DEPTHWISE_CONFIGS} == {1, 2, 3}
 
 
 def _check_exact_float64(cfg: tuple[int, ...], strategy: str) -> None:

@@ -30,9 +30,9 @@ def user_net():
 
 def test_rules(user_net):
     dense, depthwise = inspect_odconv(user_net.od1, "od1"), inspect_odconv(user_net.od2, "od2")
-    fixed_ort = AutoStrategy("ort", dynamic_batch=False)
-    assert fixed_ort.choose(depthwise) == "dynamic_weight"
-    assert fixed_ort.choose(dense) == "im2col"
+    for target in ("onnx", "ort"):  # batch baked in: every layer one computed-weight conv
+        fixed = AutoStrategy(target, dynamic_batch=False)
+        assert fixed.choose(depthwise) == fixed.choose(dense) == "dynamic_weight"
     strided = inspect_odconv(ODConv2d(8, 8, 3, stride=2, padding=1, groups=8), "strided")
     for target in ("onnx", "ort"):  # any batch: never batch-baked
         assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "depthwise_taps"
@@ -57,11 +57,11 @@ def test_unknown_target_and_strategy_are_refused(user_net):
 def test_auto_mix_is_exact_in_float64(user_net, batch):
     model = user_net.double()
     try:
-        result = convert_model(model, strategy="auto", target="ort", dynamic_batch=False)
+        result = convert_model(model, strategy="auto", target="ort")
         assert result.strategy == "auto"
         assert {c.name: c.strategy for c in result.layers} == {"od1": "im2col",
-                                                              "od2": "dynamic_weight"}
-        assert result.layer_strategies == {"im2col": 1, "dynamic_weight": 1}
+                                                              "od2": "depthwise_taps"}
+        assert result.layer_strategies == {"im2col": 1, "depthwise_taps": 1}
         assert all(c.max_abs_error <= 1e-9 * max(1.0, c.reference_scale) for c in result.layers)
         x = torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator()
                         .manual_seed(batch))
@@ -76,10 +76,10 @@ def test_fixed_batch_onnx_records_the_mix_and_matches(user_net, tmp_path):
     result = export_onnx(user_net, tmp_path / "auto.onnx", strategy="auto", dynamic_batch=False,
                          input_shape=SHAPE)
     assert result.options["strategy"] == "auto"
-    assert result.options["layer_strategies"] == {"im2col": 1, "dynamic_weight": 1}
+    assert result.options["layer_strategies"] == {"dynamic_weight": 2}
     meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
     assert meta["strategy"] == "auto"
-    assert meta["layer_strategies"] == "dynamic_weight:1,im2col:1"
+    assert meta["layer_strategies"] == "dynamic_weight:2"
     x = torch.randn(SHAPE)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
@@ -115,7 +115,7 @@ def test_export_formats_converts_per_target(user_net, tmp_path):
         user_net, tmp_path, ["onnx", "pte"], strategy="auto", dynamic_batch=False,
         input_shape=SHAPE)}
     assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
-    assert results["onnx"].options["layer_strategies"] == {"im2col": 1, "dynamic_weight": 1}
+    assert results["onnx"].options["layer_strategies"] == {"dynamic_weight": 2}
     assert results["pte"].options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
 
 
@@ -132,6 +132,6 @@ def test_cli_convert_auto(tmp_path, capsys):
                  "auto", "--target", "ort", "--static-batch", "--out", str(out)]) == 0
     saved = torch.load(out, weights_only=False)
     assert saved["strategy"] == "auto"
-    assert saved["layer_strategies"] == {"im2col": 34, "dynamic_weight": 17}
+    assert saved["layer_strategies"] == {"dynamic_weight": 51}
     assert saved["layer_forms"]["features.1.conv.0.0"] == "dynamic_weight"  # the first depthwise
-    assert "'dynamic_weight': 17" in capsys.readouterr().out
+    assert "'dynamic_weight': 51" in capsys.readouterr().out

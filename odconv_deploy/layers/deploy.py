@@ -176,7 +176,10 @@ class ODConv2dDeploy(nn.Module):
         Shapes: channel ``[B, C_in]``, filter ``[B, C_out]``, spatial ``[B, k*k]``, kernel
         ``[B, K]``; ``None`` where the head is absent.
         """
-        hidden = torch.relu(self.attention_fc(x.mean(dim=(2, 3))))
+        # keepdim: XNNPACK delegates only the 4-D mean (without it, every layer's attention
+        # leaves the delegate and splits the ExecuTorch graph).
+        hidden = torch.relu(self.attention_fc(x.mean(dim=(2, 3), keepdim=True)
+                                              .reshape(-1, self.in_channels)))
         logits = self.attention_heads(hidden)
         channel, filt, spatial, kernel = (
             None if s is None else logits[:, s[0]:s[1]] for s in self._head_slices
@@ -195,9 +198,9 @@ class ODConv2dDeploy(nn.Module):
     def _finish(self, out: torch.Tensor, filt: torch.Tensor | None) -> torch.Tensor:
         """Apply the filter attention ``[B, C_out]`` (if any) and the bias to the output."""
         if filt is not None:
-            out = out * filt[:, :, None, None]
+            out = out * filt.reshape(-1, self.out_channels, 1, 1)
         if self.bias is not None:
-            out = out + self.bias[:, None, None]
+            out = out + self.bias.reshape(self.out_channels, 1, 1)
         return out
 
 
@@ -212,6 +215,13 @@ class Im2colODConv2d(ODConv2dDeploy):
 
     strategy = "im2col"
 
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: object
+                 ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+        # Derived constant (not saved): tiles a per-sample factor over the weight's columns.
+        self.register_buffer("column_ones", torch.ones(1, 1, in_channels // self.groups,
+                                                       self.taps), persistent=False)
+
     def weight_shape(self) -> tuple[int, ...]:  # noqa: D102 - see base class
         return (self.out_channels * self.in_channels // self.groups * self.taps,
                 self.kernel_num)
@@ -222,6 +232,25 @@ class Im2colODConv2d(ODConv2dDeploy):
     def aggregated_weight(self, att: Attentions) -> torch.Tensor:
         """Kernel aggregation, one fully-connected op over the bank: ``[B or 1, N]``."""
         return F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
+
+    def _column_scale(self, att: Attentions, channel_on_weight: bool) -> torch.Tensor | None:
+        """Per-sample factor of the weight's columns, ``[B, g or 1, 1, C_in/g*k*k]``, or None.
+
+        Built by broadcasting (no expand: XNNPACK does not delegate it), batch axis as ``-1``
+        (XNNPACK does not delegate a reshape to a symbolic batch size).
+        """
+        g, cin_g, taps = self.groups, self.in_channels // self.groups, self.taps
+        if channel_on_weight:
+            scale = att.channel.reshape(-1, g, cin_g, 1)
+            if att.spatial is not None:
+                scale = scale * att.spatial.reshape(-1, 1, 1, taps)
+            elif taps > 1:
+                scale = scale * self.column_ones
+        elif att.spatial is not None:
+            scale = att.spatial.reshape(-1, 1, 1, taps) * self.column_ones
+        else:
+            return None
+        return scale.reshape(-1, scale.shape[1], 1, cin_g * taps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
@@ -237,31 +266,35 @@ class Im2colODConv2d(ODConv2dDeploy):
         # [B, g, 1, C_in/g*k*k] scale first, so the big multiply broadcasts over whole rows.
         channel_on_weight = self.in_channels * pixels > self.out_channels * cin_g * taps
         if not channel_on_weight:
-            x = x * att.channel[:, :, None, None]
-        scale = None
-        if channel_on_weight:
-            scale = att.channel.reshape(-1, g, cin_g, 1)
-            if att.spatial is not None:
-                scale = scale * att.spatial[:, None, None, :]
-        elif att.spatial is not None:
-            scale = att.spatial[:, None, None, :].expand(-1, 1, cin_g, -1)
+            x = x * att.channel.reshape(-1, self.in_channels, 1, 1)
+        scale = self._column_scale(att, channel_on_weight)
         if scale is not None:
-            weight = weight * scale.reshape(scale.shape[0], -1, 1, cin_g * taps)
+            weight = weight * scale
         filt = att.filter
         if filt is not None and out_pixels > cin_g * taps:
             weight = weight * filt.reshape(-1, g, cout_g, 1)
             filt = None
+        # Whether the weight now has a batch axis (or is still the one shared kernel).
+        per_sample = att.kernel is not None or scale is not None or filt is not att.filter
         cols = im2col(x, self.tap_kernel, self.kernel_size, self.stride, self.padding,
                       self.dilation)
+        # Sizes as traced values and -1 only on the pixel axis: a product of traced sizes
+        # becomes an op that coremltools fails to convert.
         batch, out_h, out_w = cols.shape[0], cols.shape[2], cols.shape[3]
         if self.depthwise:
             # Depthwise: multiply-accumulate over the k*k taps of each channel.
             cols = cols.reshape(batch, self.out_channels, taps, -1)
             weight = weight.reshape(-1, self.out_channels, taps, 1)
-            out = (cols * weight).sum(dim=2).reshape(batch, self.out_channels, out_h, out_w)
+            out = (cols * weight).sum(dim=2)
+        elif not per_sample:  # one weight for the whole batch: a static grouped 1x1 conv
+            out = F.conv2d(cols, weight.reshape(self.out_channels, cin_g * taps, 1, 1),
+                           groups=g)
+        elif g == 1:  # [B, C_out, C_in*k*k] @ [B, C_in*k*k, H*W]: a bmm, no broadcast copy
+            out = torch.bmm(weight.reshape(-1, cout_g, cin_g * taps),
+                            cols.reshape(batch, cin_g * taps, -1))
         else:
-            cols = cols.reshape(batch, g, cin_g * taps, -1)
-            out = (weight @ cols).reshape(batch, self.out_channels, out_h, out_w)
+            out = weight @ cols.reshape(batch, g, cin_g * taps, -1)
+        out = out.reshape(batch, self.out_channels, out_h, out_w)
         return self._finish(out, filt)
 
 
@@ -269,9 +302,15 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
     """Deploy form for depthwise layers: a multiply-add over ``k*k`` shifted views of the input.
 
     Depthwise im2col writes ``k*k`` copies of the activation and runs a one-hot conv with
-    ``k*k`` outputs per channel; here each tap is a strided slice of the padded input scaled by
-    the per-sample ``[B, C]`` weight of that tap, and the taps are summed. Any batch, rank <= 4,
+    ``k*k`` outputs per channel; here each tap is a slice of the padded input scaled by the
+    per-sample ``[B, C]`` weight of that tap, and the taps are summed. Any batch, rank <= 4,
     same kernel-bank layout as ``im2col``. Only for depthwise layers.
+
+    With a stride ``s > 1`` the taps are not read with strided slices (ExecuTorch runs those
+    outside XNNPACK, ONNX Runtime slowly): the padded input is first split into its ``s*s``
+    phases, each a static 1x1 depthwise conv with stride ``s`` and weight 1 (exact copies),
+    and every tap is then a contiguous slice of one phase. Twice as fast in XNNPACK for the
+    stride-2 layers of MobileNetV2 (``runtime_bench/results/depthwise_forms.md``).
     """
 
     strategy = "depthwise_taps"
@@ -286,6 +325,28 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
                 "Note: use 'im2col', or strategy='auto', which applies it where it fits."
             )
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+        # Derived constant (not saved): the identity depthwise kernel that extracts a phase.
+        self.register_buffer("phase_kernel", torch.ones(in_channels, 1, 1, 1), persistent=False)
+
+    def _tap_views(self, padded: torch.Tensor, out_h: int, out_w: int) -> list[torch.Tensor]:
+        """The ``k*k`` input views, each ``[B, C, out_h, out_w]``, in tap order."""
+        k, s, d = self.kernel_size, self.stride, self.dilation
+        phases: dict[tuple[int, int], torch.Tensor] = {}
+        views = []
+        for t in range(self.taps):
+            row, col = divmod(t, k)
+            row, col = row * d, col * d  # offsets in the padded input
+            if s == 1:
+                views.append(padded[:, :, row:row + out_h, col:col + out_w])
+                continue
+            phase = (row % s, col % s)
+            if phase not in phases:
+                source = padded[:, :, phase[0]:, phase[1]:] if any(phase) else padded
+                phases[phase] = F.conv2d(source, self.phase_kernel, None, s,
+                                         groups=self.in_channels)
+            r, c = row // s, col // s
+            views.append(phases[phase][:, :, r:r + out_h, c:c + out_w])
+        return views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
@@ -293,19 +354,20 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
         att = self.attentions(x)
         channels, taps, k, s, d = (self.out_channels, self.taps, self.kernel_size, self.stride,
                                    self.dilation)
-        weight = self.aggregated_weight(att).reshape(-1, channels, taps) * att.channel[:, :, None]
+        weight = (self.aggregated_weight(att).reshape(-1, channels, taps)
+                  * att.channel.reshape(-1, channels, 1))
         if att.spatial is not None:
-            weight = weight * att.spatial[:, None, :]
+            weight = weight * att.spatial.reshape(-1, 1, taps)
+        # [B, C, k*k, 1]: tap t is the slice [:, :, t:t+1], already [B, C, 1, 1] (an index
+        # would be a select, which XNNPACK does not delegate).
+        weight = weight.reshape(-1, channels, taps, 1)
         p = self.padding
         padded = F.pad(x, (p, p, p, p)) if p else x
         out_h = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
         out_w = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
         out = None
-        for t in range(taps):
-            i, j = divmod(t, k)
-            view = padded[:, :, i * d:i * d + s * (out_h - 1) + 1:s,
-                          j * d:j * d + s * (out_w - 1) + 1:s]
-            term = view * weight[:, :, t, None, None]
+        for t, view in enumerate(self._tap_views(padded, out_h, out_w)):
+            term = view * weight[:, :, t:t + 1]
             out = term if out is None else out + term
         return self._finish(out, att.filter)
 
@@ -316,28 +378,71 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
     Exact at any batch in PyTorch; an export unrolls the per-sample loop, so exported graphs
     have a fixed batch (batch 1 is the intended use: ONNX Conv and CoreML conv accept a
     computed weight).
+
+    The per-sample weight is scaled as a ``[C_out, C_in/g*k*k]`` matrix: one column scale
+    (spatial attention tiled over the input channels, times the channel attention when
+    ``groups == 1``) and, where cheaper than on the output, one row scale (filter attention).
+    Broadcasting a ``[1, 1, k, k]`` spatial factor over a 4-D weight instead hits ONNX
+    Runtime's slow short-span broadcast (5.1 ms against 0.7 ms for a 512x512x3x3 weight, one
+    thread). The bias goes into the conv unless the filter attention is applied after it.
     """
 
     strategy = "dynamic_weight"
     supports_dynamic_batch = False
+
+    def _channel_on_weight(self, pixels: int) -> bool:
+        """Channel attention goes on the weight when that costs no extra pass, or less."""
+        if self.groups != 1 and not self.depthwise:
+            return False  # grouped: a weight column belongs to one input channel per group
+        columns = self.in_channels // self.groups * self.taps
+        extra_weight_pass = not self.has_spatial and not self.depthwise
+        return not extra_weight_pass or self.out_channels * columns <= self.in_channels * pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
         self._check(x)
         att = self.attentions(x)
         flat = self.weight.reshape(self.kernel_num, -1)
-        k = self.kernel_size
+        k, cout, cin_g = self.kernel_size, self.out_channels, self.in_channels // self.groups
+        columns = cin_g * self.taps
+        out_h = (x.shape[2] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        out_w = (x.shape[3] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        channel_on_weight = self._channel_on_weight(x.shape[2] * x.shape[3])
+        filter_on_weight = att.filter is not None and columns <= out_h * out_w
+        bias_in_conv = att.filter is None or filter_on_weight
+        # All samples' kernels in one product: the bank is read once, not once per sample.
+        aggregated = att.kernel @ flat if att.kernel is not None else None
         outs = []
+        # Batch 1: reshapes, not per-sample indexing (each Gather or Slice is a node, and a
+        # copy of the activation, in ONNX).
+        single = x.shape[0] == 1
         for b in range(x.shape[0]):
-            weight = att.kernel[b] @ flat if att.kernel is not None else flat[0]
-            weight = weight.reshape(self.out_channels, self.in_channels // self.groups, k, k)
+            def sample(t: torch.Tensor, b: int = b) -> torch.Tensor:
+                return t.reshape(-1) if single else t[b]
+
+            weight = flat if att.kernel is None else sample(aggregated)
+            weight = weight.reshape(cout, columns)
+            rows = sample(att.filter) if filter_on_weight else None
+            cols = None  # [C_in/g, k*k], flattened to match the weight's columns
+            if channel_on_weight and self.depthwise:
+                rows = sample(att.channel) if rows is None else rows * sample(att.channel)
+            elif channel_on_weight:
+                cols = sample(att.channel).reshape(cin_g, 1).expand(cin_g, self.taps)
             if att.spatial is not None:
-                weight = weight * att.spatial[b].reshape(1, 1, k, k)
-            xb = x[b:b + 1] * att.channel[b].reshape(1, -1, 1, 1)
-            outs.append(F.conv2d(xb, weight, None, self.stride, self.padding, self.dilation,
-                                 self.groups))
+                spatial = sample(att.spatial).reshape(1, self.taps)
+                cols = spatial.expand(cin_g, self.taps) if cols is None else cols * spatial
+            if cols is not None:
+                weight = weight * cols.reshape(1, columns)
+            if rows is not None:
+                weight = weight * rows.reshape(cout, 1)
+            xb = x if single else x[b:b + 1]
+            if not channel_on_weight:
+                xb = xb * sample(att.channel).reshape(1, -1, 1, 1)
+            outs.append(F.conv2d(xb, weight.reshape(cout, cin_g, k, k),
+                                 self.bias if bias_in_conv else None,
+                                 self.stride, self.padding, self.dilation, self.groups))
         out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return self._finish(out, att.filter)
+        return out if bias_in_conv else self._finish(out, att.filter)
 
 
 class StaticWeightODConv2d(ODConv2dDeploy):
