@@ -8,19 +8,20 @@ static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms
 - **ONNX / ORT with a fixed batch**: every layer takes ``dynamic_weight``: ONNX Runtime's
   own Conv on the computed weight beats both the one-hot im2col + MatMul (which pays for the
   im2col map) and, for depthwise layers, the one-hot im2col + reduce (which writes ``k*k``
-  copies of the activation). Whole models, batch 1, 1 thread: od_resnet18 k=4 1.81x -> 1.55x
-  of static, k=1 1.51x -> 1.31x, od_mobilenetv2_100 k=4 4.45x -> 2.53x.
+  copies of the activation). Whole models, batch 1, 1 thread, against the dynamic-batch
+  ``im2col`` graph: od_resnet18 k=4 1.77x -> 1.60x of static, k=1 1.46x -> 1.33x,
+  od_mobilenetv2_100 k=4 4.89x -> 2.57x.
 - **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the
   rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph). Per layer, 1 thread,
-  the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 12-29% faster (144 ch at 56x56:
-  3.69 vs 5.21 ms), at stride 2 31-52% slower (96 ch at 112x112: 6.52 vs 4.96 ms).
-  Whole od_mobilenetv2_100 k=4, batch 1: 4.53x -> 3.98x of static.
+  the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 7-27% faster (144 ch at 56x56:
+  3.64 vs 5.01 ms), at stride 2 23-48% slower (96 ch at 112x112: 5.89 vs 4.78 ms).
+  Whole od_mobilenetv2_100 k=4, batch 1: 4.48x -> 3.84x of static.
 - **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (every other layer
-  ``im2col``): per layer it beats the one-hot im2col at every od_mobilenetv2_100 shape, 1.8-4.6x
-  at stride 1 and 1.2-2x at stride 2, where it reads the taps from the input's phases (96 ch
-  at 112x112: 9.03 vs 18.42 ms). Never ``dynamic_weight``: XNNPACK does not delegate a conv
-  whose weight is computed at run time (the reference graph runs 60x slower than static for
-  that reason).
+  ``im2col``): per layer it beats the one-hot im2col at every od_mobilenetv2_100 shape, 1.9-4.8x
+  at stride 1 and 1.2-2.4x at stride 2, where it reads the taps from the input's phases (96 ch
+  at 112x112: 6.98 vs 16.59 ms; 14.76 ms with strided slices, which XNNPACK leaves out).
+  Never ``dynamic_weight``: XNNPACK does not delegate a conv whose weight is computed at run
+  time (the reference graph runs 60x slower than static for that reason).
 - **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
   as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
   frontend), while small networks with the same layers convert.
