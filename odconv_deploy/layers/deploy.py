@@ -110,6 +110,12 @@ class ODConv2dDeploy(nn.Module):
         """Kernel taps ``k*k``."""
         return self.kernel_size * self.kernel_size
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output height and width of the conv for an input of ``height`` x ``width``."""
+        reach = self.dilation * (self.kernel_size - 1) + 1
+        return ((height + 2 * self.padding - reach) // self.stride + 1,
+                (width + 2 * self.padding - reach) // self.stride + 1)
+
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of ``self.weight`` in this strategy's layout (canonical: the train layout)."""
         return (self.kernel_num, self.out_channels, self.in_channels // self.groups,
@@ -352,8 +358,7 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
         """Inference-mode forward."""
         self._check(x)
         att = self.attentions(x)
-        channels, taps, k, s, d = (self.out_channels, self.taps, self.kernel_size, self.stride,
-                                   self.dilation)
+        channels, taps = self.out_channels, self.taps
         weight = (self.aggregated_weight(att).reshape(-1, channels, taps)
                   * att.channel.reshape(-1, channels, 1))
         if att.spatial is not None:
@@ -363,8 +368,7 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
         weight = weight.reshape(-1, channels, taps, 1)
         p = self.padding
         padded = F.pad(x, (p, p, p, p)) if p else x
-        out_h = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
-        out_w = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
+        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
         out = None
         for t, view in enumerate(self._tap_views(padded, out_h, out_w)):
             term = view * weight[:, :, t:t + 1]
@@ -405,8 +409,7 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
         flat = self.weight.reshape(self.kernel_num, -1)
         k, cout, cin_g = self.kernel_size, self.out_channels, self.in_channels // self.groups
         columns = cin_g * self.taps
-        out_h = (x.shape[2] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
-        out_w = (x.shape[3] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
         channel_on_weight = self._channel_on_weight(x.shape[2] * x.shape[3])
         filter_on_weight = att.filter is not None and columns <= out_h * out_w
         bias_in_conv = att.filter is None or filter_on_weight
