@@ -250,6 +250,17 @@ def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
         )
 
 
+def check_batch_size(batch_size: int, dynamic_batch: bool) -> None:
+    """Refuse a fixed batch size that is not a positive int, or one given with a dynamic batch."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ExportError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if dynamic_batch and batch_size != 1:
+        raise ExportError(
+            f"batch_size={batch_size} fixes the batch, but dynamic_batch=True asks for any "
+            "batch. Note: pass dynamic_batch=False (CLI: --static-batch) to bake it in."
+        )
+
+
 def spec_shapes(tensors: tuple[TensorSpec, ...], dynamic_batch: bool
                 ) -> dict[str, list[int | str]]:
     """Name -> shape of spec tensors, the batch axis as ``"batch"`` when it is dynamic."""

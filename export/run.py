@@ -27,6 +27,14 @@ def _failure(fmt: ExportFormat, path: os.PathLike, exc: BaseException) -> Export
                         error=message)
 
 
+def _require_batch_one(batch_size: int, fmt: str) -> None:
+    if batch_size != 1:
+        raise ExportError(
+            f"A fixed batch of {batch_size} is made for ONNX and ORT only; {fmt} exports trace "
+            "batch 1. Note: use a dynamic batch for it (the default)."
+        )
+
+
 def export_formats(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -40,10 +48,15 @@ def export_formats(
     opset: int = DEFAULT_OPSET,
     coreml_precision: str = "fp16",
     dynamic_batch: bool = True,
+    batch_size: int = 1,
     overwrite: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[ExportResult]:
     """Export ``model`` to every format in ``formats`` under ``out_dir``.
+
+    With ``dynamic_batch=False`` the graphs have batch ``batch_size``; a size other than 1 is
+    made for ONNX, simplified ONNX and ORT only (CoreML and ExecuTorch then fail with the
+    reason, as any failing format does).
 
     ``ort`` is made from the simplified ONNX model (``onnx`` and ``onnx-sim`` are produced for
     it if not requested). A format that fails yields a result with ``ok=False`` and the
@@ -65,7 +78,8 @@ def export_formats(
         progress("export onnx")
         try:
             onnx_result = export_onnx(model, out / f"{name}.onnx", opset=opset,
-                                      dynamic_batch=dynamic_batch, **common)
+                                      dynamic_batch=dynamic_batch, batch_size=batch_size,
+                                      **common)
         except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             onnx_result = _failure(ExportFormat.ONNX, out / f"{name}.onnx", exc)
         results.append(onnx_result)
@@ -89,6 +103,7 @@ def export_formats(
     if ExportFormat.COREML in wanted:
         progress("convert to CoreML")
         try:
+            _require_batch_one(batch_size, "CoreML")
             results.append(export_coreml(model, out / f"{name}.mlpackage",
                                          precision=coreml_precision,
                                          flexible_batch=dynamic_batch, **common))
@@ -97,6 +112,7 @@ def export_formats(
     if ExportFormat.EXECUTORCH in wanted:
         progress("lower to ExecuTorch (XNNPACK)")
         try:
+            _require_batch_one(batch_size, "ExecuTorch")
             results.append(export_executorch(model, out / f"{name}.pte",
                                              dynamic_batch=dynamic_batch, **common))
         except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on

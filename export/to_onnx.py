@@ -15,6 +15,7 @@ from export._common import (
     ExportFormat,
     ExportResult,
     PreparedModel,
+    check_batch_size,
     format_layer_strategies,
     fspath,
     path_size,
@@ -58,9 +59,9 @@ def _dynamic_axes(spec: IOSpec, batch: bool, spatial: bool) -> dict[str, dict[in
 
 
 def _export(prepared: PreparedModel, target: Path, opset: int, exporter: str,
-            axes: dict[str, dict[int, str]], external: bool) -> None:
+            axes: dict[str, dict[int, str]], external: bool, batch_size: int) -> None:
     spec = prepared.io_spec
-    inputs = spec.sample_inputs(batch=1)
+    inputs = spec.sample_inputs(batch=batch_size)
     kwargs = dict(input_names=spec.input_names, output_names=spec.output_names,
                   opset_version=opset)
     with warnings.catch_warnings():
@@ -86,6 +87,7 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    batch_size: int = 1,
     dynamic_spatial: bool = False,
     strategy: str | None = None,
     exporter: str = "torchscript",
@@ -101,6 +103,8 @@ def export_onnx(
         path: Output ``.onnx`` file.
         opset: ONNX opset.
         dynamic_batch: Make the batch axis symbolic.
+        batch_size: The fixed batch of the graph when ``dynamic_batch`` is False (e.g. 8 for
+            a server that always runs 8 images: ``dynamic_weight`` unrolls that many convs).
         dynamic_spatial: Also make image height and width symbolic.
         strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
         exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (legacy tracer).
@@ -121,6 +125,7 @@ def export_onnx(
         raise ExportError(f"Unknown exporter {exporter!r}. Note: choose one of {EXPORTERS}.")
     if exporter == "dynamo":
         require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
+    check_batch_size(batch_size, dynamic_batch)
     prepared = prepare_model(model, strategy=strategy, target="onnx", dynamic_batch=dynamic_batch,
                              io_spec=io_spec, input_shape=input_shape, name=name)
     if dynamic_batch:
@@ -131,7 +136,7 @@ def export_onnx(
     path = fspath(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
         try:
-            _export(prepared, tmp, opset, exporter, axes, external)
+            _export(prepared, tmp, opset, exporter, axes, external, batch_size)
         except Exception as exc:
             raise ExportError(
                 f"ONNX export of {prepared.name} (exporter={exporter}, opset={opset}) failed: "
@@ -162,7 +167,7 @@ def export_onnx(
         input_shapes=onnx_shapes(list(graph.input)),
         output_shapes=onnx_shapes(list(graph.output)),
         file_size_bytes=path_size(path),
-        options={"opset": opset, "dynamic_batch": dynamic_batch,
+        options={"opset": opset, "dynamic_batch": dynamic_batch, "batch_size": batch_size,
                  "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
                  "layer_strategies": prepared.layer_strategies,
                  "exporter": exporter, "external_data": external, "model": prepared.name},

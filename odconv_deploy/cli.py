@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time budget per measurement in seconds (overrides --iterations)")
     p.add_argument("--out", default="bench_out", help="output folder")
     p.add_argument("--static-batch", action="store_true",
-                   help="export artifacts with batch 1 baked in (other batches are skipped)")
+                   help="export artifacts with the first --batch baked in (other batches are "
+                   "skipped; a size other than 1 for ort and ort-format only)")
     p.add_argument("--fresh-process", action="store_true",
                    help="measure each cell's latency, cold start and memory in a new process")
     p.set_defaults(func=_cmd_bench)

@@ -32,7 +32,8 @@ class BenchConfig:
     batches: Sequence[int] = (1,)
     threads: Sequence[int] = (1,)
     strategy: str = "im2col"  # or "auto": chosen per layer for each backend's format
-    #: Export artifacts with a symbolic batch; False bakes in batch 1 (other batches skipped).
+    #: Export artifacts with a symbolic batch; False bakes in the first of ``batches`` (other
+    #: batch sizes are skipped; a size other than 1 is made for ONNX and ORT only).
     dynamic_batch: bool = True
     resolution: int | None = None  # default: the model's own input size
     settings: MeasureSettings = field(default_factory=MeasureSettings)
@@ -98,11 +99,12 @@ def _prepare(loaded: LoadedModel, config: BenchConfig, spec: IOSpec, formats: se
         missing.add(ExportFormat.ONNX_SIMPLIFIED)
     if not missing:
         return model, have
-    batch = "" if config.dynamic_batch else "_b1"
+    batch_size = 1 if config.dynamic_batch else config.batches[0]
+    batch = "" if config.dynamic_batch else f"_b{batch_size}"
     results = export_formats(loaded.model, out, sorted(missing, key=lambda f: f.value),
                              stem=f"{loaded.name}_{strategy}{batch}", io_spec=spec,
                              strategy=strategy, converted=model,
-                             dynamic_batch=config.dynamic_batch,
+                             dynamic_batch=config.dynamic_batch, batch_size=batch_size,
                              overwrite=config.overwrite, progress=progress)
     return model, {**{r.format: r for r in results}, **have}
 

@@ -68,6 +68,18 @@ def test_batch_the_artifact_cannot_take_is_skipped_and_sweep_goes_on(report):
     assert any(r.status == "ok" and r.batch == 65 for r in rep.rows)  # other backends ran
 
 
+def test_static_batch_bakes_in_the_first_batch_size(tmp_path):
+    config = BenchConfig(model="od_tinynet", kernel_num=2, backends="ort", batches=(3, 1),
+                         threads=(1,), strategy="auto", dynamic_batch=False, out=str(tmp_path),
+                         settings=QUICK)
+    rep = run_benchmark(config)
+    ort3 = [r for r in rep.rows if r.batch == 3]
+    assert ort3 and all(r.status == "ok" for r in ort3)
+    ort1 = [r for r in rep.rows if r.batch == 1]
+    assert ort1 and all(r.status == "skipped" and "batch 1" in r.reason for r in ort1)
+    assert any(a["path"].endswith("_b3.sim.onnx") for a in rep.artifacts)
+
+
 def test_report_files(report):
     rep, out = report
     files = write_report(rep, out, overwrite=True)

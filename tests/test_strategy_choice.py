@@ -3,6 +3,7 @@
 import itertools
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -83,6 +84,38 @@ def test_fixed_batch_onnx_records_the_mix_and_matches(user_net, tmp_path):
     x = torch.randn(SHAPE)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
+
+
+def test_fixed_batch_size_other_than_one_is_baked_in_and_matches(user_net, tmp_path):
+    result = export_onnx(user_net, tmp_path / "b4.onnx", strategy="auto", dynamic_batch=False,
+                         batch_size=4, input_shape=SHAPE)
+    assert result.options["batch_size"] == 4
+    assert result.input_shapes[result.input_names[0]][0] == 4
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        _assert_matches(_run_onnx(result.path, x), user_net(x))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="(?i)dimension|shape"):  # the batch really is fixed
+        session.run(None, {result.input_names[0]: torch.randn(1, 3, 32, 32).numpy()})
+
+
+def test_bad_batch_size_is_refused_before_writing(user_net, tmp_path):
+    with pytest.raises(ExportError, match="positive int, got 0"):
+        export_onnx(user_net, tmp_path / "x.onnx", dynamic_batch=False, batch_size=0,
+                    input_shape=SHAPE)
+    with pytest.raises(ExportError, match="batch_size=8 fixes the batch.*dynamic_batch=False"):
+        export_onnx(user_net, tmp_path / "x.onnx", batch_size=8, input_shape=SHAPE)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_formats_fixed_batch_is_onnx_and_ort_only(user_net, tmp_path):
+    results = {r.format.value: r for r in export_formats(
+        user_net, tmp_path, ["ort", "pte"], strategy="auto", dynamic_batch=False, batch_size=2,
+        input_shape=SHAPE)}
+    assert results["onnx"].ok and results["ort"].ok
+    assert results["ort"].input_shapes[results["ort"].input_names[0]][0] == 2
+    assert not results["pte"].ok and "ONNX and ORT only" in results["pte"].error
+    assert not list(tmp_path.glob("*.pte"))  # nothing half-written
 
 
 def test_dynamic_batch_auto_keeps_every_layer_batch_agnostic(user_net, tmp_path):
