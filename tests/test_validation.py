@@ -107,6 +107,17 @@ def test_nan_inputs_are_reported(tiny, tmp_path):
     assert not report.passed and any("NaN" in i for i in report.input_issues)
 
 
+def test_a_fixed_batch_none_of_the_batches_fit_fails_loudly(tiny, tmp_path):
+    result = export_onnx(tiny, tmp_path / "b4.onnx", dynamic_batch=False, batch_size=4)
+    runner = OnnxRuntimeRunner(result.path)
+    report = validate(TorchRunner(tiny), [Candidate(runner, "fp32")], tiny.io_spec)
+    assert not report.passed  # nothing compared is not a pass
+    (only,) = report.comparisons
+    assert "takes none of the batch sizes tried (1, 3)" in only.error and "batch 4" in only.error
+    ok = validate(TorchRunner(tiny), [Candidate(runner, "fp32")], tiny.io_spec, batches=(4,))
+    assert ok.passed and [c.batch for c in ok.comparisons] == [4]
+
+
 def test_fp16_range_overflow_is_named(tiny, tmp_path):
     huge = synthesize_weights(create_model("od_tinynet", kernel_num=4), seed=5)
     with torch.no_grad():

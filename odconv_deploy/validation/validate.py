@@ -85,9 +85,10 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
              ) -> ValidationReport:
     """Feed identical inputs to the reference and every candidate and compare the outputs.
 
-    A candidate is run at each batch size its inputs accept; a backend that cannot run on
-    this machine is recorded as skipped with the reason; a runner that fails to load or run
-    is a failed comparison carrying the error.
+    A candidate is run at each batch size its inputs accept (one that accepts none of
+    ``batches``, e.g. a graph with batch 8 baked in, is a failed comparison saying so); a
+    backend that cannot run on this machine is recorded as skipped with the reason; a runner
+    that fails to load or run is a failed comparison carrying the error.
 
     Args:
         reference: The runner whose outputs are the truth (usually PyTorch, train form).
@@ -117,8 +118,16 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
                                                  error=f"{type(exc).__name__}: {exc}"))
             continue
         try:
+            taken = [b for b in feeds if cand.runner.accepts_batch(b)]
+            if not taken:
+                fixed = [m.shape[0] for m in cand.runner.input_metadata() if m.shape]
+                report.comparisons.append(Comparison(
+                    cand.runner.name, 0, tolerance,
+                    error=f"takes none of the batch sizes tried {tuple(batches)} (its inputs "
+                          f"have batch {fixed[0] if fixed else '?'}), so nothing was compared. "
+                          "Note: validate with that batch size (batches=... / --batches)."))
             for batch, feed in feeds.items():
-                if not cand.runner.accepts_batch(batch):
+                if batch not in taken:
                     continue
                 try:
                     got = cand.runner.infer(feed)
