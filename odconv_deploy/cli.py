@@ -53,14 +53,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from export import export_formats, parse_formats
+    from export._common import check_batch_size
     from odconv_deploy.model_source import load_zoo_model
 
+    check_batch_size(args.batch_size, not args.static_batch)  # before any work
     formats = parse_formats(args.formats)
     loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num)
     results = export_formats(
         loaded.model, args.out, formats, stem=args.model, strategy=args.strategy,
         opset=args.opset, coreml_precision=args.coreml_precision,
-        dynamic_batch=not args.static_batch, overwrite=args.overwrite,
+        dynamic_batch=not args.static_batch, batch_size=args.batch_size,
+        overwrite=args.overwrite,
         progress=lambda step: print(f"-> {step} ...", file=sys.stderr),
     )
     for result in results:
@@ -193,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
                    help="CoreML compute precision")
     p.add_argument("--static-batch", action="store_true",
-                   help="fix the batch to 1 instead of a dynamic batch axis")
+                   help="fix the batch (to --batch-size) instead of a dynamic batch axis")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="with --static-batch: the fixed batch (other than 1: onnx, onnx-sim "
+                   "and ort only)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("validate", help="check exported artifacts against PyTorch on every "

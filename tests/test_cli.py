@@ -40,6 +40,18 @@ def test_unknown_model_exit_code(capsys):
     assert "available models are" in capsys.readouterr().err
 
 
+def test_export_cli_fixed_batch_size(tmp_path, capsys):
+    import onnx
+
+    args = ["export", "--model", "od_tinynet", "--formats", "onnx", "--out", str(tmp_path)]
+    assert main(args + ["--batch-size", "4"]) == 2  # a fixed size needs --static-batch
+    assert "batch_size=4 fixes the batch" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main(args + ["--static-batch", "--batch-size", "4"]) == 0
+    graph = onnx.load(str(tmp_path / "od_tinynet.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+
+
 def test_export_cli_one_line_per_artifact(tmp_path, capsys):
     args = ["export", "--model", "od_tinynet", "--formats", "onnx,ort", "--out", str(tmp_path)]
     assert main(args) == 0
