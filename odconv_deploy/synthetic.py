@@ -42,8 +42,10 @@ def randomize_attention(model: nn.Module, generator: torch.Generator, *, scale: 
 def synthesize_weights(model: nn.Module, *, seed: int = 0) -> nn.Module:
     """Fill ``model`` with deterministic, non-trivial weights and return it (in eval mode).
 
-    Parameters come from ``torch.manual_seed(seed)`` re-initialisation order, then BatchNorm
-    statistics and attention heads are randomised with a seeded generator.
+    Every parameter is drawn from one seeded generator in registration order (weights scaled
+    by fan-in, vectors such as a classifier's bias small), then BatchNorm statistics and
+    attention heads are randomised with it, so the same ``seed`` gives the same model in any
+    process.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -51,6 +53,8 @@ def synthesize_weights(model: nn.Module, *, seed: int = 0) -> nn.Module:
             if p.dim() > 1:
                 fan_in = p[0].numel() if p.dim() != 5 else p[0, 0].numel()
                 p.copy_(torch.randn(p.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+            else:  # left at PyTorch's unseeded init, a bias differed between processes
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     randomize_batchnorms(model, generator)
     randomize_attention(model, generator)
     return model.eval()

@@ -43,6 +43,16 @@ def test_every_odconv_model_has_a_static_twin():
         assert twin in list_models() and not model_entry(twin).is_odconv
 
 
+def test_synthetic_weights_are_the_same_in_every_process():
+    """Every parameter, not only the conv weights: a second process must rebuild the same model
+    (``odconv-deploy validate --onnx`` compares a file exported earlier against a fresh load)."""
+    torch.manual_seed(1)
+    a = synthesize_weights(create_model("od_tinynet", kernel_num=4), seed=0).state_dict()
+    torch.manual_seed(2)  # a different global RNG state, as in another process
+    b = synthesize_weights(create_model("od_tinynet", kernel_num=4), seed=0).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(UnknownModelError, match="od_mobilenetv2_100.*od_resnet18"):
         create_model("od_resnet19")
