@@ -55,8 +55,9 @@ def test_perturbed_weight_is_caught(tiny, tmp_path):
     assert report.passed
     proto = onnx.load(str(result.path))
     biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
-    arr = numpy_helper.to_array(biggest).copy()
-    arr.flat[0] *= 1.5
+    # All of one tensor by 1%: one element's effect on the logits can stay under the
+    # tolerance (it did after the synthetic weights changed), which says nothing of the check.
+    arr = numpy_helper.to_array(biggest).copy() * np.float32(1.01)
     biggest.CopyFrom(numpy_helper.from_array(arr, biggest.name))
     onnx.save(proto, str(result.path))
     report = validate_artifacts(tiny, [result], io_spec=tiny.io_spec)
