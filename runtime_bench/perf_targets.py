@@ -46,11 +46,8 @@ TARGETS = (
 )
 
 
-#: Variant -> (strategy, whether a row's artifacts keep a dynamic batch, rows it applies to).
-VARIANTS = {
-    "im2col": ("im2col", lambda t: True, lambda t: True),
-    "auto": ("auto", lambda t: False, lambda t: True),
-}
+#: Variant -> (strategy, whether its artifacts keep a dynamic batch); each runs every row.
+VARIANTS = {"im2col": ("im2col", True), "auto": ("auto", False)}
 
 
 def is_met(ratio_q75: float | None, target_ratio: float) -> bool:
@@ -66,12 +63,11 @@ def record_key(record: dict[str, object]) -> tuple[object, ...]:
 
 def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
                 variant: str) -> list[dict[str, object]]:
-    """Measure every target row the variant applies to; one record per (row, threads)."""
-    strategy, keeps_dynamic_batch, applies = VARIANTS[variant]
+    """Measure every target row in one variant; one record per (row, threads)."""
+    strategy, dynamic_batch = VARIANTS[variant]
     records = []
-    for target in filter(applies, TARGETS):
+    for target in TARGETS:
         start = time.perf_counter()
-        dynamic_batch = keeps_dynamic_batch(target)
         config = BenchConfig(model=target.model, kernel_num=target.kernel_num,
                              backends=target.backend, batches=(target.batch,), threads=threads,
                              strategy=strategy, dynamic_batch=dynamic_batch, settings=settings,

@@ -276,12 +276,11 @@ class Im2colODConv2d(ODConv2dDeploy):
         scale = self._column_scale(att, channel_on_weight)
         if scale is not None:
             weight = weight * scale
-        filt = att.filter
-        if filt is not None and out_pixels > cin_g * taps:
-            weight = weight * filt.reshape(-1, g, cout_g, 1)
-            filt = None
+        filter_on_weight = att.filter is not None and out_pixels > cin_g * taps
+        if filter_on_weight:
+            weight = weight * att.filter.reshape(-1, g, cout_g, 1)
         # Whether the weight now has a batch axis (or is still the one shared kernel).
-        per_sample = att.kernel is not None or scale is not None or filt is not att.filter
+        per_sample = att.kernel is not None or scale is not None or filter_on_weight
         cols = im2col(x, self.tap_kernel, self.kernel_size, self.stride, self.padding,
                       self.dilation)
         # Sizes as traced values and -1 only on the pixel axis: a product of traced sizes
@@ -301,7 +300,7 @@ class Im2colODConv2d(ODConv2dDeploy):
         else:
             out = weight @ cols.reshape(batch, g, cin_g * taps, -1)
         out = out.reshape(batch, self.out_channels, out_h, out_w)
-        return self._finish(out, filt)
+        return self._finish(out, None if filter_on_weight else att.filter)
 
 
 class DepthwiseTapsODConv2d(Im2colODConv2d):
