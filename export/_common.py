@@ -15,6 +15,7 @@ from torch import nn
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
+from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
 from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
@@ -201,6 +202,11 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
                     else "mixed")
     layer_strategies = dict(Counter(m.strategy for m in model.modules()
                                     if isinstance(m, ODConv2dDeploy)))
+    if target not in ("onnx", "ort") and OrtNchwcODConv2d.strategy in layer_strategies:
+        raise ExportError(
+            f"{name} has {OrtNchwcODConv2d.strategy!r} layers, which only ONNX Runtime runs "
+            f"(its NCHWc CPU kernels); {target} cannot. Note: pass the train-form model "
+            "with strategy='auto' to choose each layer's form for this target.")
     model = model.eval()
     inputs = spec.sample_inputs(batch=1)
     try:
@@ -223,6 +229,20 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
                                     for t, o in zip(spec.outputs, outputs, strict=True)),
                       mean=spec.mean, std=spec.std, task=spec.task)
     return PreparedModel(model, spec, name, strategy, converted, layer_strategies)
+
+
+def nchwc_block_of(model: nn.Module) -> int | None:
+    """The NCHWc block the model's ``ort_nchwc`` layers are laid out for, or None if none.
+
+    Raises:
+        ExportError: Layers laid out for different blocks (no CPU runs both).
+    """
+    blocks = {m.block for m in model.modules() if isinstance(m, OrtNchwcODConv2d)}
+    if len(blocks) > 1:
+        raise ExportError(f"The model's ort_nchwc layers are laid out for different NCHWc "
+                          f"blocks {sorted(blocks)}; one graph runs on one block. Note: "
+                          "convert all layers for the same block.")
+    return next(iter(blocks), None)
 
 
 def format_layer_strategies(layer_strategies: dict[str, int]) -> str:

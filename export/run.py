@@ -49,6 +49,7 @@ def export_formats(
     coreml_precision: str = "fp16",
     dynamic_batch: bool = True,
     batch_size: int = 1,
+    onnx_target: str = "onnx",
     overwrite: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[ExportResult]:
@@ -63,6 +64,8 @@ def export_formats(
     reason; the others still run. A train-form model is converted once for every format (or
     ``converted``, the caller's conversion of it with ``strategy``, is reused), except with
     ``strategy="auto"``, where each exporter converts the train form for its own target.
+    ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"ort"``: the ONNX-family files
+    are for ONNX Runtime CPU on this machine).
     """
     out = fspath(out_dir)
     name = stem or getattr(model, "zoo_name", None) or type(model).__name__
@@ -79,7 +82,7 @@ def export_formats(
         try:
             onnx_result = export_onnx(model, out / f"{name}.onnx", opset=opset,
                                       dynamic_batch=dynamic_batch, batch_size=batch_size,
-                                      **common)
+                                      target=onnx_target, **common)
         except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             onnx_result = _failure(ExportFormat.ONNX, out / f"{name}.onnx", exc)
         results.append(onnx_result)

@@ -18,15 +18,18 @@ from export._common import (
     check_batch_size,
     format_layer_strategies,
     fspath,
+    nchwc_block_of,
     path_size,
     prepare_model,
     require_dynamic_batch_support,
     root_cause,
     tool_versions,
 )
+from export.nchwc_graph import count_unblocked_convs, rewrite_nchwc_convs
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY
 
 #: Default opset: recent, and accepted by ONNX Runtime (incl. Mobile), onnxsim and the dynamo
 #: exporter (which needs >= 18).
@@ -34,6 +37,9 @@ DEFAULT_OPSET = 18
 #: Protobuf's hard limit; larger models keep their weights in an external data file.
 PROTOBUF_LIMIT = 2 * 1024**3
 EXPORTERS = ("dynamo", "torchscript")
+#: What an ONNX graph is for: ``onnx`` any runtime; ``ort`` ONNX Runtime's CPU kernels on
+#: this machine (``strategy="auto"`` may then use ``ort_nchwc`` layers).
+ONNX_TARGETS = ("onnx", "ort")
 
 
 def onnx_shapes(values: list) -> dict[str, list[int | str]]:
@@ -81,6 +87,17 @@ def _export(prepared: PreparedModel, target: Path, opset: int, exporter: str,
                               dynamic_axes=axes, do_constant_folding=True, **kwargs)
 
 
+def _use_nchwc_kernels(proto: object, block: int) -> int:
+    """Rewrite the ``ort_nchwc`` layers' convs to ORT's NCHWc ops; checked, returns how many."""
+    rewritten = rewrite_nchwc_convs(proto, block)
+    left = count_unblocked_convs(proto, block)
+    if left:
+        raise ExportError(f"{left} conv(s) of ort_nchwc layers kept their unblocked weight "
+                          "after the NCHWc rewrite (an unexpected graph pattern). Note: use "
+                          "target='onnx', and report this with the model.")
+    return rewritten
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -90,6 +107,7 @@ def export_onnx(
     batch_size: int = 1,
     dynamic_spatial: bool = False,
     strategy: str | None = None,
+    target: str = "onnx",
     exporter: str = "torchscript",
     io_spec: IOSpec | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -107,6 +125,10 @@ def export_onnx(
             a server that always runs 8 images: ``dynamic_weight`` unrolls that many convs).
         dynamic_spatial: Also make image height and width symbolic.
         strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
+        target: ``"onnx"`` for a graph any runtime runs, or ``"ort"`` for ONNX Runtime CPU on
+            this machine: with ``strategy="auto"`` and a fixed batch, layers that fit then
+            run ORT's NCHWc kernels (``ort_nchwc``; the block size is recorded in the
+            metadata and a CPU with another block refuses the graph).
         exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (legacy tracer).
         io_spec: I/O names and shapes (default: ``model.io_spec``).
         input_shape: Input shape for models without an ``io_spec``.
@@ -123,13 +145,21 @@ def export_onnx(
     onnx = require_backend("onnx", extra="onnx", purpose="ONNX export")
     if exporter not in EXPORTERS:
         raise ExportError(f"Unknown exporter {exporter!r}. Note: choose one of {EXPORTERS}.")
+    if target not in ONNX_TARGETS:
+        raise ExportError(f"Unknown ONNX target {target!r}. Note: choose one of "
+                          f"{ONNX_TARGETS}.")
     if exporter == "dynamo":
         require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
     check_batch_size(batch_size, dynamic_batch)
-    prepared = prepare_model(model, strategy=strategy, target="onnx", dynamic_batch=dynamic_batch,
+    prepared = prepare_model(model, strategy=strategy, target=target, dynamic_batch=dynamic_batch,
                              io_spec=io_spec, input_shape=input_shape, name=name)
     if dynamic_batch:
         require_dynamic_batch_support(prepared, "dynamic_batch")
+    block = nchwc_block_of(prepared.model)
+    if block is not None and exporter == "dynamo":
+        raise ExportError("ort_nchwc layers export with the torchscript exporter only (the "
+                          "NCHWc rewrite is built for its graphs). Note: pass "
+                          "exporter='torchscript'.")
     axes = _dynamic_axes(prepared.io_spec, dynamic_batch, dynamic_spatial)
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.model.parameters())
     external = weight_bytes > PROTOBUF_LIMIT
@@ -144,9 +174,11 @@ def export_onnx(
                 "dynamo exporter needs opset >= 18."
             ) from exc
         proto = onnx.load(str(tmp), load_external_data=False)
+        nchwc_convs = _use_nchwc_kernels(proto, block) if block is not None else 0
         meta = {"producer": "odconv-deploy", "model": prepared.name,
                 "strategy": prepared.strategy or "none", "exporter": exporter,
                 "layer_strategies": format_layer_strategies(prepared.layer_strategies),
+                **({BLOCK_METADATA_KEY: block} if block is not None else {}),
                 **{f"version.{k}": v for k, v in tool_versions("onnx").items()}}
         del proto.metadata_props[:]
         for key, value in meta.items():
@@ -169,9 +201,11 @@ def export_onnx(
         file_size_bytes=path_size(path),
         options={"opset": opset, "dynamic_batch": dynamic_batch, "batch_size": batch_size,
                  "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
+                 "target": target, "nchwc_block": block,
                  "layer_strategies": prepared.layer_strategies,
                  "exporter": exporter, "external_data": external, "model": prepared.name},
         tool_versions=tool_versions("onnx"),
         op_counts=dict(Counter(n.op_type for n in graph.node)),
-        details={"nodes": len(graph.node), "converted_layers": prepared.converted_layers},
+        details={"nodes": len(graph.node), "converted_layers": prepared.converted_layers,
+                 "nchwc_convs": nchwc_convs},
     )

@@ -30,6 +30,7 @@ from odconv_deploy.layers import (
     Im2colODConv2d,
     ODConv2d,
     ODConv2dDeploy,
+    OrtNchwcODConv2d,
     StaticWeightODConv2d,
 )
 from odconv_deploy.models import create_model, list_models, model_entry
@@ -57,6 +58,7 @@ __all__ = [
     "MissingBackendError",
     "ODConv2d",
     "ODConv2dDeploy",
+    "OrtNchwcODConv2d",
     "ODConvDeployError",
     "ODConvSpec",
     "StaticWeightODConv2d",

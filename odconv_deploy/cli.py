@@ -30,6 +30,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     import odconv_deploy
+    from export._common import nchwc_block_of
     from odconv_deploy._atomic import atomic_output
     from odconv_deploy.model_source import load_zoo_model
     from odconv_deploy.reparameterize import convert_model
@@ -44,6 +45,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     "layer_strategies": result.layer_strategies,
                     # Which deploy class each layer needs to load this state_dict.
                     "layer_forms": {c.name: c.strategy for c in result.layers},
+                    # The layout of ort_nchwc layers' weights (None: no such layer).
+                    "nchwc_block": nchwc_block_of(result.model),
                     "odconv_deploy_version": odconv_deploy.__version__}, tmp)
     print(f"converted {len(result.layers)} ODConv layers of {args.model} ({loaded.weights}) "
           f"to '{args.strategy}' {result.layer_strategies}, folded {result.folded_bn_count} "
@@ -63,7 +66,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         loaded.model, args.out, formats, stem=args.model, strategy=args.strategy,
         opset=args.opset, coreml_precision=args.coreml_precision,
         dynamic_batch=not args.static_batch, batch_size=args.batch_size,
-        overwrite=args.overwrite,
+        onnx_target=args.onnx_target, overwrite=args.overwrite,
         progress=lambda step: print(f"-> {step} ...", file=sys.stderr),
     )
     for result in results:
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1,
                    help="with --static-batch: the fixed batch (other than 1: onnx, onnx-sim "
                    "and ort only)")
+    p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
+                   help="onnx: graphs any runtime runs; ort: for ONNX Runtime CPU on this "
+                   "machine (with --strategy auto and --static-batch, 3x3 and depthwise layers "
+                   "run ORT's NCHWc kernels; a CPU with another NCHWc block refuses the file)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("validate", help="check exported artifacts against PyTorch on every "

@@ -5,12 +5,17 @@ float64 verification as a named strategy. The rules come from measurements on th
 2-core x86 machine: whole models in ``runtime_bench/results/perf_targets.md`` (ratios to the
 static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms.md``:
 
-- **ONNX / ORT with a fixed batch**: every layer takes ``dynamic_weight``: ONNX Runtime's
-  own Conv on the computed weight beats both the one-hot im2col + MatMul (which pays for the
-  im2col map) and, for depthwise layers, the one-hot im2col + reduce (which writes ``k*k``
-  copies of the activation). Whole models, batch 1, 1 thread, against the dynamic-batch
-  ``im2col`` graph: od_resnet18 k=4 1.77x -> 1.60x of static, k=1 1.46x -> 1.33x,
-  od_mobilenetv2_100 k=4 4.89x -> 2.57x.
+- **ONNX with a fixed batch** (a portable graph): every layer takes ``dynamic_weight``: ONNX
+  Runtime's own Conv on the computed weight beats both the one-hot im2col + MatMul (which
+  pays for the im2col map) and, for depthwise layers, the one-hot im2col + reduce (which
+  writes ``k*k`` copies of the activation). Whole models, batch 1, 1 thread, against the
+  dynamic-batch ``im2col`` graph: od_resnet18 k=4 1.77x -> 1.60x of static, k=1 1.46x ->
+  1.33x, od_mobilenetv2_100 k=4 4.89x -> 2.57x.
+- **ORT (ONNX Runtime CPU on this machine) with a fixed batch**: as ONNX, except that the
+  ``k > 1`` regular and depthwise layers whose channels fit the CPU's NCHWc block take
+  ``ort_nchwc`` (the computed weight runs ORT's blocked conv kernels; the graph then runs
+  only on ONNX Runtime CPUs with the same block, see :mod:`odconv_deploy.layers.ort_nchwc`).
+  Where this onnxruntime has no NCHWc kernels, ``dynamic_weight`` as for ONNX.
 - **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the
   rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph). Per layer, 1 thread,
   the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 7-27% faster (144 ch at 56x56:
@@ -35,12 +40,14 @@ from typing import TYPE_CHECKING
 
 from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
+from odconv_deploy.layers.ort_nchwc import nchwc_unsupported_reason, ort_nchwc_block
 
 if TYPE_CHECKING:
     from odconv_deploy.detect import ODConvSpec
 
 AUTO_STRATEGY = "auto"
-#: Export targets ``auto`` knows. ``ort`` and ``onnx`` are the same graphs.
+#: Export targets ``auto`` knows. ``onnx`` graphs run anywhere; ``ort`` ones (the same with
+#: a dynamic batch) may use ONNX Runtime's CPU kernels of this machine.
 AUTO_TARGETS = ("onnx", "ort", "coreml", "pte", "torch")
 
 
@@ -65,7 +72,12 @@ class AutoStrategy:
 
     def choose(self, spec: ODConvSpec) -> str:
         """The deploy strategy for one layer (see the module docstring for why)."""
-        if self.target in ("onnx", "ort") and not self.dynamic_batch:
+        if self.target == "ort" and not self.dynamic_batch:
+            block = ort_nchwc_block()
+            fits = block is not None and nchwc_unsupported_reason(
+                spec.in_channels, spec.out_channels, spec.kernel_size, spec.groups, block) is None
+            return "ort_nchwc" if fits else "dynamic_weight"
+        if self.target == "onnx" and not self.dynamic_batch:
             return "dynamic_weight"
         if not spec.depthwise or self.target in ("coreml", "torch"):
             return DEFAULT_STRATEGY

@@ -105,6 +105,7 @@ def _prepare(loaded: LoadedModel, config: BenchConfig, spec: IOSpec, formats: se
                              stem=f"{loaded.name}_{strategy}{batch}", io_spec=spec,
                              strategy=strategy, converted=model,
                              dynamic_batch=config.dynamic_batch, batch_size=batch_size,
+                             onnx_target="ort",  # only ONNX Runtime on this machine runs them
                              overwrite=config.overwrite, progress=progress)
     return model, {**{r.format: r for r in results}, **have}
 

@@ -69,7 +69,8 @@ def main() -> None:
     item = static_twin_of(loaded) if args.static else loaded
     with tempfile.TemporaryDirectory(prefix="ort_profile_") as work:
         result = export_onnx(item.model, Path(work) / "m.onnx", strategy=args.strategy,
-                             dynamic_batch=not args.static_batch, io_spec=loaded.io_spec)
+                             dynamic_batch=not args.static_batch, io_spec=loaded.io_spec,
+                             target="ort")
         runner = OnnxRuntimeRunner(result.path)
         (name,) = result.input_names
         feed = {name: loaded.io_spec.sample_inputs(1)[0].numpy()}

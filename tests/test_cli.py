@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from odconv_deploy.cli import main
@@ -63,3 +64,23 @@ def test_export_cli_one_line_per_artifact(tmp_path, capsys):
     assert main(["export", "--model", "od_tinynet", "--formats", "tflite", "--out",
                  str(tmp_path)]) == 2
     assert "valid formats are" in capsys.readouterr().err
+
+
+def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, capsys):
+    import onnx
+
+    from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY, NCHWC_DOMAIN, ort_nchwc_block
+
+    block = ort_nchwc_block()
+    if block is None:
+        pytest.skip("this onnxruntime has no NCHWc kernels")
+    model = ["--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy", "auto"]
+    assert main(["export", *model, "--formats", "onnx", "--out", str(tmp_path),
+                 "--static-batch", "--onnx-target", "ort"]) == 0
+    proto = onnx.load(str(tmp_path / "od_mobilenetv2_050.onnx"))
+    assert {p.key: p.value for p in proto.metadata_props}[BLOCK_METADATA_KEY] == str(block)
+    assert sum(n.domain == NCHWC_DOMAIN and n.op_type == "Conv" for n in proto.graph.node) == 17
+    capsys.readouterr()
+    assert main(["validate", *model, "--onnx", str(tmp_path / "od_mobilenetv2_050.onnx"),
+                 "--batches", "1", "--static-batch"]) == 0
+    assert "FAIL" not in capsys.readouterr().out

@@ -105,16 +105,22 @@ def test_randomisation_makes_attentions_non_trivial():
 @pytest.mark.parametrize("strategy", sorted(LAYER_FORMS))
 def test_equivalence_check_can_fail(strategy):
     """A deliberately wrong deploy form must be caught by the same comparison."""
+    cin = 8 if strategy == "ort_nchwc" else 6  # ort_nchwc: channels in whole blocks
     cout, groups = (6, 6) if strategy == "depthwise_taps" else (8, 1)
-    block = nn.Sequential(ODConv2d(6, cout, 3, padding=1, groups=groups, kernel_num=4),
+    block = nn.Sequential(ODConv2d(cin, cout, 3, padding=1, groups=groups, kernel_num=4),
                           nn.BatchNorm2d(cout))
     block = randomize_odconv(block.double()).eval()
-    deploy = (convert_model(block, strategy="auto", target="pte") if groups > 1
-              else convert_model(block, strategy=strategy)).model
+    if strategy == "ort_nchwc":
+        deploy = nn.Sequential(LAYER_FORMS[strategy].from_spec(inspect_odconv(block[0]),
+                                                               block[1], block=4),
+                               nn.Identity()).eval()
+    else:
+        deploy = (convert_model(block, strategy="auto", target="pte") if groups > 1
+                  else convert_model(block, strategy=strategy)).model
     assert isinstance(deploy[0], LAYER_FORMS[strategy])
     with torch.no_grad():
         deploy[0].attention_heads.bias[0] += 1e-6
-    x = torch.randn(2, 6, 10, 10, dtype=torch.float64)
+    x = torch.randn(2, cin, 10, 10, dtype=torch.float64)
     with torch.no_grad():
         expected, actual = block(x), deploy(x)
     assert (actual - expected).abs().max() > TOL * expected.abs().max()

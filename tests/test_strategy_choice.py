@@ -16,6 +16,7 @@ from odconv_deploy import (
     inspect_odconv,
 )
 from odconv_deploy.cli import main
+from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
 from tests.helpers import randomize_odconv
 from tests.test_export import UserNet, _assert_matches, _run_onnx
 
@@ -31,9 +32,15 @@ def user_net():
 
 def test_rules(user_net):
     dense, depthwise = inspect_odconv(user_net.od1, "od1"), inspect_odconv(user_net.od2, "od2")
-    for target in ("onnx", "ort"):  # batch baked in: every layer one computed-weight conv
-        fixed = AutoStrategy(target, dynamic_batch=False)
-        assert fixed.choose(depthwise) == fixed.choose(dense) == "dynamic_weight"
+    # Batch baked in: every layer one computed-weight conv; for ORT on this machine, on the
+    # NCHWc kernels where the layer fits the CPU's block (od1 has 3 input channels: never).
+    fixed = AutoStrategy("onnx", dynamic_batch=False)
+    assert fixed.choose(depthwise) == fixed.choose(dense) == "dynamic_weight"
+    fixed = AutoStrategy("ort", dynamic_batch=False)
+    block = ort_nchwc_block()
+    fits = block is not None and depthwise.in_channels % block == 0
+    assert fixed.choose(depthwise) == ("ort_nchwc" if fits else "dynamic_weight")
+    assert fixed.choose(dense) == "dynamic_weight"
     strided = inspect_odconv(ODConv2d(8, 8, 3, stride=2, padding=1, groups=8), "strided")
     for target in ("onnx", "ort"):  # any batch: never batch-baked
         assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "depthwise_taps"
@@ -162,9 +169,23 @@ def test_a_forced_dynamic_batch_with_batch_baked_layers_is_refused(user_net, tmp
 def test_cli_convert_auto(tmp_path, capsys):
     out = tmp_path / "auto.pt"
     assert main(["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy",
-                 "auto", "--target", "ort", "--static-batch", "--out", str(out)]) == 0
+                 "auto", "--target", "onnx", "--static-batch", "--out", str(out)]) == 0
     saved = torch.load(out, weights_only=False)
     assert saved["strategy"] == "auto"
     assert saved["layer_strategies"] == {"dynamic_weight": 51}
     assert saved["layer_forms"]["features.1.conv.0.0"] == "dynamic_weight"  # the first depthwise
+    assert saved["nchwc_block"] is None
     assert "'dynamic_weight': 51" in capsys.readouterr().out
+
+
+def test_cli_convert_auto_for_ort_records_the_nchwc_block(tmp_path):
+    block = ort_nchwc_block()
+    if block is None:
+        pytest.skip("this onnxruntime has no NCHWc kernels")
+    out = tmp_path / "auto.pt"
+    assert main(["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy",
+                 "auto", "--target", "ort", "--static-batch", "--out", str(out)]) == 0
+    saved = torch.load(out, weights_only=False)
+    assert saved["layer_forms"]["features.1.conv.0.0"] == "ort_nchwc"  # 16 channels: fits
+    assert saved["layer_forms"]["features.1.conv.1"] == "dynamic_weight"  # 1x1
+    assert saved["nchwc_block"] == block  # the blocked weights' layout

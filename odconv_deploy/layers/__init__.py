@@ -3,7 +3,6 @@
 from odconv_deploy.layers.deploy import (
     DEFAULT_STRATEGY,
     DEPLOY_STRATEGIES,
-    LAYER_FORMS,
     DepthwiseTapsODConv2d,
     DynamicWeightODConv2d,
     Im2colODConv2d,
@@ -11,6 +10,15 @@ from odconv_deploy.layers.deploy import (
     StaticWeightODConv2d,
 )
 from odconv_deploy.layers.odconv import Attentions, ODAttention, ODConv2d
+from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
+
+#: Every deploy form, including those for some kinds of layer only (chosen per layer by
+#: ``strategy="auto"``).
+LAYER_FORMS: dict[str, type[ODConv2dDeploy]] = {
+    **DEPLOY_STRATEGIES,
+    DepthwiseTapsODConv2d.strategy: DepthwiseTapsODConv2d,
+    OrtNchwcODConv2d.strategy: OrtNchwcODConv2d,
+}
 
 __all__ = [
     "DEFAULT_STRATEGY",
@@ -23,5 +31,6 @@ __all__ = [
     "ODAttention",
     "ODConv2d",
     "ODConv2dDeploy",
+    "OrtNchwcODConv2d",
     "StaticWeightODConv2d",
 ]

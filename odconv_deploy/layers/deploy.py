@@ -138,13 +138,14 @@ class ODConv2dDeploy(nn.Module):
         )
 
     @classmethod
-    def from_spec(cls, spec: ODConvSpec, output_bn: nn.BatchNorm2d | None = None
-                  ) -> ODConv2dDeploy:
+    def from_spec(cls, spec: ODConvSpec, output_bn: nn.BatchNorm2d | None = None,
+                  **options: object) -> ODConv2dDeploy:
         """Build the deploy form of a train layer (read by :func:`inspect_odconv`).
 
         Args:
             spec: The train layer's configuration and tensors.
             output_bn: A BatchNorm2d that directly follows the layer, to fold in.
+            **options: Constructor options of the form (e.g. ``block`` for ``ort_nchwc``).
         """
         weight = spec.weight
         if "kernel_fc" not in spec.heads and spec.kernel_num > 1:
@@ -157,7 +158,7 @@ class ODConv2dDeploy(nn.Module):
             filter_attention="filter_fc" in spec.heads,
             spatial_attention="spatial_fc" in spec.heads,
             kernel_attention="kernel_fc" in spec.heads,
-            bias=output_bn is not None,
+            bias=output_bn is not None, **options,
         ).to(weight.dtype)
         layer.temperature = spec.temperature
         layer.layer_name = spec.name or None
@@ -496,9 +497,5 @@ class StaticWeightODConv2d(ODConv2dDeploy):
 #: Deploy strategies by name: forms that take every ODConv layer.
 DEPLOY_STRATEGIES: dict[str, type[ODConv2dDeploy]] = {
     cls.strategy: cls for cls in (Im2colODConv2d, DynamicWeightODConv2d, StaticWeightODConv2d)
-}
-#: Every deploy form, including those for one kind of layer (chosen per layer by ``auto``).
-LAYER_FORMS: dict[str, type[ODConv2dDeploy]] = {
-    **DEPLOY_STRATEGIES, DepthwiseTapsODConv2d.strategy: DepthwiseTapsODConv2d
 }
 DEFAULT_STRATEGY = "im2col"

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from odconv_deploy.errors import require_backend
+from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY, ort_nchwc_block
 from odconv_deploy.runners.base import Runner, RunnerError, TensorMeta
 
 #: Graph optimisation levels by name.
@@ -55,6 +56,19 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:
             raise RunnerError(f"{self.name}: ONNX Runtime cannot load {self.path}: "
                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        self._check_nchwc_block()
+
+    def _check_nchwc_block(self) -> None:
+        """Refuse a graph laid out for another CPU's NCHWc block (``ort_nchwc`` layers)."""
+        wanted = self.session.get_modelmeta().custom_metadata_map.get(BLOCK_METADATA_KEY)
+        here = ort_nchwc_block()
+        if wanted is not None and wanted != str(here):
+            self.session = None
+            raise RunnerError(
+                f"{self.name}: {self.path} was exported for ONNX Runtime's NCHWc block "
+                f"{wanted} (ort_nchwc layers); this machine's onnxruntime "
+                f"{'has no NCHWc kernels' if here is None else f'uses block {here}'}. Note: "
+                "re-export it on this kind of CPU, or export with target 'onnx' (portable).")
 
     def deactivate_impl(self) -> None:  # noqa: D102
         self.session = None

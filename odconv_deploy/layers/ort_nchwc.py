@@ -1,0 +1,207 @@
+"""ONNX Runtime CPU deploy form: the computed weight runs ORT's blocked (NCHWc) conv kernels.
+
+ONNX Runtime reorders only *constant* conv weights into the NCHWc layout of its fast CPU
+kernels; a standard ``Conv`` whose weight is computed at run time takes the generic im2col +
+GEMM path (depthwise: one small GEMM per channel). Its contrib op ``com.microsoft.nchwc.Conv``
+reads the weight from its input, though, so this form keeps the kernel bank in the blocked
+layout, aggregates and scales it there, and calls that op between ``ReorderInput`` and
+``ReorderOutput``. Measured per layer (1 thread, kernel_num 4, conv + weight, this project's
+x86 machine): depthwise 96 ch at 112x112 stride 2 1.69 -> 0.66 ms, 960 ch at 7x7
+0.41 -> 0.10 ms; 3x3 512->512 at 7x7 6.44 -> 5.98 ms. 1x1 convs gain nothing (the reorders
+cost what the kernel saves), so they are refused here and ``auto`` keeps them on
+``dynamic_weight``.
+
+The block size is the CPU's (8 with AVX2, 16 with AVX-512): a graph is built for one block,
+records it (``ort_nchwc_block`` in the ONNX metadata) and carries a guard that makes ONNX
+Runtime fail (a Reshape error) instead of computing garbage on a CPU with another block.
+Eager PyTorch runs the same arithmetic through an ordinary conv on the unblocked weight, which
+is what the float64 equivalence tests check.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from odconv_deploy.errors import UnsupportedLayerError
+from odconv_deploy.layers.deploy import DynamicWeightODConv2d
+from odconv_deploy.layers.odconv import Attentions, is_depthwise
+
+#: ONNX domain of ONNX Runtime's NCHWc kernels.
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+#: ONNX metadata key holding the block size a graph was built for.
+BLOCK_METADATA_KEY = "ort_nchwc_block"
+
+
+@functools.cache
+def ort_nchwc_block() -> int | None:
+    """ONNX Runtime's NCHWc block size on this machine, or None where it has no NCHWc kernels.
+
+    Read from ORT itself: ``ReorderInput`` pads a 4-channel tensor to one block.
+    """
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    graph = helper.make_graph(
+        [helper.make_node("ReorderInput", ["x"], ["y"], domain=NCHWC_DOMAIN)], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(NCHWC_DOMAIN, 1)])
+    model.ir_version = 8  # any onnxruntime of the supported range reads it
+    try:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        (out,) = session.run(None, {"x": np.zeros((1, 4, 1, 1), np.float32)})
+    except Exception:  # noqa: BLE001 - no NCHWc kernels in this build or on this CPU
+        return None
+    block = int(out.shape[1])
+    return block if block > 1 else None
+
+
+def nchwc_unsupported_reason(in_channels: int, out_channels: int, kernel_size: int,
+                             groups: int, block: int) -> str | None:
+    """Why a conv cannot take the NCHWc form with ``block``, or None if it can."""
+    if kernel_size == 1:
+        return "a 1x1 conv gains nothing from it (measured)"
+    if is_depthwise(in_channels, out_channels, groups):
+        if in_channels % block:
+            return f"depthwise channels {in_channels} are not a multiple of the block {block}"
+        return None
+    if groups != 1:
+        return f"grouped convs (groups={groups}) other than depthwise are not supported"
+    if in_channels % block or out_channels % block:
+        return (f"channels {in_channels} -> {out_channels} are not multiples of the block "
+                f"{block}")
+    return None
+
+
+def block_weight(weight: torch.Tensor, block: int, depthwise: bool) -> torch.Tensor:
+    """``[..., C_out, C_in/g, k, k]`` -> the NCHWc filter layout, same leading axes.
+
+    Regular convs: ``[C_out/b, C_in/b, k, k, b_in, b_out]`` (ORT's OIHWBiBo); depthwise:
+    ``[C/b, k, k, b]`` (OIHWBo).
+    """
+    *lead, cout, cin_g, kh, kw = weight.shape
+    n = len(lead)
+    if depthwise:
+        blocked = weight.reshape(*lead, cout // block, block, kh, kw)
+        return blocked.permute(*range(n), n, n + 2, n + 3, n + 1)
+    blocked = weight.reshape(*lead, cout // block, block, cin_g // block, block, kh, kw)
+    return blocked.permute(*range(n), n, n + 2, n + 4, n + 5, n + 3, n + 1)
+
+
+def unblock_weight(blocked: torch.Tensor, cout: int, cin_g: int, kernel_size: int, block: int,
+                   depthwise: bool) -> torch.Tensor:
+    """Inverse of :func:`block_weight` for one flat blocked weight: ``[C_out, C_in/g, k, k]``."""
+    k = kernel_size
+    if depthwise:
+        return blocked.reshape(cout // block, k, k, block).permute(0, 3, 1, 2).reshape(
+            cout, 1, k, k)
+    blocked = blocked.reshape(cout // block, cin_g // block, k, k, block, block)
+    return blocked.permute(0, 5, 1, 4, 2, 3).reshape(cout, cin_g, k, k)
+
+
+class OrtNchwcODConv2d(DynamicWeightODConv2d):
+    """Deploy form for ONNX Runtime CPU: per sample, a conv on a weight computed in NCHWc layout.
+
+    Same per-sample structure as ``dynamic_weight`` (fixed batch once exported). The kernel
+    bank is stored blocked (``[K, C_out*C_in/g*k*k]`` in the order of :func:`block_weight`),
+    so the aggregation writes the layout the kernel reads. Channel and spatial attention
+    scale the weight through one small factor laid out like one row block of it (one block
+    of output channels); the filter attention scales the output (in the blocked layout it
+    would be a short-span broadcast). Regular (``groups == 1``) and depthwise convs with
+    ``k > 1`` and channels that are multiples of the block only.
+
+    Args:
+        block: NCHWc block size (default: this machine's, read from ONNX Runtime).
+        **kwargs: As :class:`ODConv2dDeploy`.
+    """
+
+    strategy = "ort_nchwc"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 block: int | None = None, **kwargs: object) -> None:
+        if block is None:
+            block = ort_nchwc_block()
+            if block is None:
+                raise UnsupportedLayerError(
+                    "Strategy 'ort_nchwc' needs ONNX Runtime with NCHWc CPU kernels, which "
+                    "this machine's onnxruntime does not offer. Note: use 'dynamic_weight'.")
+        groups = int(kwargs.get("groups", 1))
+        reason = nchwc_unsupported_reason(in_channels, out_channels, kernel_size, groups, block)
+        if reason:
+            raise UnsupportedLayerError(
+                f"Strategy 'ort_nchwc' cannot take the conv {in_channels} -> {out_channels}, "
+                f"kernel {kernel_size}, groups {groups}: {reason}. Note: use strategy='auto' "
+                "with target 'ort', which applies it where it fits.")
+        self.block = block
+        super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+        # Derived constant (not saved): spreads the channel factor over the taps and the
+        # output channels of a row block ([1, k*k, 1, b_out]; depthwise [1, k*k, 1]).
+        shape = (1, self.taps, 1) if self.depthwise else (1, self.taps, 1, block)
+        self.register_buffer("block_ones", torch.ones(shape), persistent=False)
+
+    def weight_shape(self) -> tuple[int, ...]:  # noqa: D102 - see base class
+        return (self.kernel_num,
+                self.out_channels * self.in_channels // self.groups * self.taps)
+
+    def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return block_weight(weight, self.block, self.depthwise).reshape(self.kernel_num, -1)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{super().extra_repr()}, block={self.block}"
+
+    def _weight_scale(self, att: Attentions, sample: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> torch.Tensor:
+        """Channel x spatial factor of one blocked row block, flattened to ``[1, n]``.
+
+        Laid out ``[C_in/b, k*k, b_in, b_out]`` (depthwise ``[C/b, k*k, b]``): input channel
+        ``c`` sits at ``[c // b, :, c % b]``, tap ``t`` on axis 1.
+        """
+        b, taps = self.block, self.taps
+        channel_shape = (-1, 1, b) if self.depthwise else (-1, 1, b, 1)
+        scale = self.block_ones * sample(att.channel).reshape(channel_shape)
+        if att.spatial is not None:
+            spatial_shape = (1, taps, 1) if self.depthwise else (1, taps, 1, 1)
+            scale = scale * sample(att.spatial).reshape(spatial_shape)
+        return scale.reshape(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference-mode forward."""
+        self._check(x)
+        att = self.attentions(x)
+        cin_g = self.in_channels // self.groups
+        # With a spatial factor the weight is scaled anyway, so the channel factor joins it.
+        channel_on_weight = (att.spatial is not None
+                             or self._channel_on_weight(x.shape[2] * x.shape[3]))
+        bias_in_conv = att.filter is None
+        # All samples' kernels in one product: the bank is read once, not once per sample.
+        aggregated = att.kernel @ self.weight if att.kernel is not None else None
+        single = x.shape[0] == 1
+        outs = []
+        for b in range(x.shape[0]):
+            def sample(t: torch.Tensor, b: int = b) -> torch.Tensor:
+                return t.reshape(-1) if single else t[b]
+
+            weight = self.weight.reshape(-1) if aggregated is None else sample(aggregated)
+            if channel_on_weight:  # each row: one block of output channels
+                scale = self._weight_scale(att, sample)
+                weight = weight.reshape(-1, scale.shape[1]) * scale
+            xb = x if single else x[b:b + 1]
+            if not channel_on_weight:
+                xb = xb * sample(att.channel).reshape(1, -1, 1, 1)
+            # Exported as Reshape -> Transpose -> Reshape -> Conv, which the ONNX export
+            # rewrites to ORT's NCHWc ops on the blocked weight (export/nchwc_graph.py).
+            weight = unblock_weight(weight, self.out_channels, cin_g, self.kernel_size,
+                                    self.block, self.depthwise)
+            outs.append(F.conv2d(xb, weight, self.bias if bias_in_conv else None,
+                                 self.stride, self.padding, self.dilation, self.groups))
+        out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        return out if bias_in_conv else self._finish(out, att.filter)
