@@ -6,8 +6,9 @@ twin, 224x224, medians) at 1 and 2 threads and writes ``perf_targets.{json,md}``
     python -m runtime_bench.perf_targets --out runtime_bench/results
 
 Two variants, each on every row: ``im2col`` (dynamic-batch artifacts) and ``auto`` (per-layer
-choice, with the row's batch baked in: ONNX Runtime then runs computed-weight convs, and
-XNNPACK delegates every op, where a symbolic batch keeps reshapes and slices out of it).
+choice, with the row's batch baked in: ONNX Runtime then runs computed-weight convs, on its
+NCHWc kernels where a layer fits (the ONNX files are exported for target ``ort``), and XNNPACK
+delegates every op, where a symbolic batch keeps reshapes and slices out of it).
 ``--variants auto --merge`` re-measures one variant and keeps the other's committed records.
 """
 
