@@ -2,8 +2,10 @@
 
 The evidence behind ``strategy="auto"``'s depthwise rules: for each depthwise shape of
 od_mobilenetv2_100 (kernel_num=4, batch 1), the ``im2col`` form (one-hot conv + reduce), the
-``depthwise_taps`` form (k*k strided slices) and a static depthwise ``nn.Conv2d`` are exported
-and timed in ONNX Runtime and ExecuTorch-XNNPACK, alternating so drift hits all three::
+``depthwise_taps`` form (k*k slices) and a static depthwise ``nn.Conv2d`` are exported and
+timed in ONNX Runtime and ExecuTorch-XNNPACK, alternating so drift hits all of them; ONNX
+Runtime also times the fixed-batch forms ``dynamic_weight`` and ``ort_nchwc`` (its NCHWc
+kernels; skipped where this onnxruntime has none)::
 
     python -m runtime_bench.depthwise_forms --out runtime_bench/results
 """
@@ -23,13 +25,18 @@ from torch import nn
 from export import export_executorch, export_onnx
 from odconv_deploy import LAYER_FORMS, ODConv2d, inspect_odconv
 from odconv_deploy._atomic import atomic_output
+from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
 from odconv_deploy.runners import ExecuTorchRunner, OnnxRuntimeRunner
 from runtime_bench.probe import machine_info
 
 #: (channels, input size, stride) of od_mobilenetv2_100's 3x3 depthwise layers (distinct ones).
 SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
           (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1))
-FORMS = ("im2col", "depthwise_taps", "static")
+#: Forms timed per backend (XNNPACK does not take a computed conv weight).
+FORMS = {"ort": ("im2col", "depthwise_taps", "dynamic_weight", "ort_nchwc", "static"),
+         "pte": ("im2col", "depthwise_taps", "static")}
+#: Forms whose exported graphs have the batch baked in.
+FIXED_BATCH_FORMS = ("dynamic_weight", "ort_nchwc")
 
 
 def build(form: str, channels: int, stride: int, seed: int) -> nn.Module:
@@ -46,16 +53,20 @@ def measure_shape(channels: int, size: int, stride: int, backends: list[str], it
     """Median ms per (backend, form) for one shape."""
     shape = (1, channels, size, size)
     runners = {}
-    for form in FORMS:
-        model = build(form, channels, stride, seed=channels)
-        stem = work / f"dw_{channels}_{size}_{stride}_{form}"
-        if "ort" in backends:
-            result = export_onnx(model, f"{stem}.onnx", input_shape=shape, overwrite=True)
-            runners["ort", form] = OnnxRuntimeRunner(result.path, threads=1)
-        if "pte" in backends:
-            result = export_executorch(model, f"{stem}.pte", input_shape=shape,
-                                       dynamic_batch=False, overwrite=True)
-            runners["pte", form] = ExecuTorchRunner.from_export(result, threads=1)
+    for backend in backends:
+        for form in FORMS[backend]:
+            if form == "ort_nchwc" and ort_nchwc_block() is None:
+                continue
+            model = build(form, channels, stride, seed=channels)
+            stem = work / f"dw_{channels}_{size}_{stride}_{form}"
+            if backend == "ort":
+                result = export_onnx(model, f"{stem}.onnx", input_shape=shape, overwrite=True,
+                                     dynamic_batch=form not in FIXED_BATCH_FORMS)
+                runners["ort", form] = OnnxRuntimeRunner(result.path, threads=1)
+            else:
+                result = export_executorch(model, f"{stem}.pte", input_shape=shape,
+                                           dynamic_batch=False, overwrite=True)
+                runners["pte", form] = ExecuTorchRunner.from_export(result, threads=1)
     feed = {"input": torch.randn(shape).numpy()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     for runner in runners.values():
@@ -92,15 +103,22 @@ def main() -> None:
                                     Path(work))
             for backend, by_form in medians.items():
                 records.append({"channels": channels, "size": size, "stride": stride,
-                                "backend": backend, **{f"{f}_ms": by_form[f] for f in FORMS}})
+                                "backend": backend, **{f"{f}_ms": ms for f, ms in by_form.items()}})
                 print(records[-1], flush=True)
     machine = machine_info()
+    columns = FORMS["ort"] if "ort" in backends else FORMS["pte"]
+
+    def cell(record: dict[str, object], form: str) -> str:
+        ms = record.get(f"{form}_ms")
+        return "-" if ms is None else f"{ms:.2f}"
+
     lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, {machine['isa']}); 1 thread, "
-             f"batch 1, kernel_num 4, median of {args.iterations} alternating runs (ms).", "",
-             "| backend | channels | size | stride | im2col | depthwise_taps | static conv |",
-             "|---|---|---|---|---|---|---|"]
+             f"batch 1, kernel_num 4, median of {args.iterations} alternating runs (ms); - : "
+             "form not available on that backend.", "",
+             "| backend | channels | size | stride | " + " | ".join(columns) + " |",
+             "|---|---|---|---|" + "---|" * len(columns)]
     lines += [f"| {r['backend']} | {r['channels']} | {r['size']} | {r['stride']} | "
-              f"{r['im2col_ms']:.2f} | {r['depthwise_taps_ms']:.2f} | {r['static_ms']:.2f} |"
+              + " | ".join(cell(r, f) for f in columns) + " |"
               for r in sorted(records, key=lambda r: r["backend"])]
     with atomic_output(args.out / "depthwise_forms.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps({"machine": machine, "iterations": args.iterations,
