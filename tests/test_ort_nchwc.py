@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from export import ExportError, export_executorch, export_onnx
+from export import ExportError, export_executorch, export_formats, export_onnx
 from export.nchwc_graph import count_unblocked_convs
 from odconv_deploy import (
     AutoStrategy,
@@ -192,3 +192,24 @@ def test_other_targets_refuse_ort_nchwc_layers(net, tmp_path):
 def test_unknown_onnx_target_is_refused(net, tmp_path):
     with pytest.raises(ExportError, match="Unknown ONNX target 'tensorrt'.*'onnx', 'ort'"):
         export_onnx(net, tmp_path / "x.onnx", target="tensorrt", input_shape=SHAPE)
+
+
+@needs_nchwc
+def test_dynamic_image_size_and_ort_format_keep_the_nchwc_convs(net, tmp_path):
+    result = export_onnx(net, tmp_path / "dyn.onnx", strategy="auto", target="ort",
+                         dynamic_batch=False, dynamic_spatial=True, input_shape=SHAPE)
+    assert result.details["nchwc_convs"] == 2
+    with OnnxRuntimeRunner(result.path) as runner, torch.no_grad():
+        for size in (20, 33):  # the guard's shapes follow the input, so any size runs
+            x = torch.randn(1, 3, size, size + 4)
+            (got,) = runner.infer({result.input_names[0]: x.numpy()}).values()
+            _assert_matches(got, net(x), rtol=1e-5)
+    results = {r.format.value: r for r in export_formats(
+        net, tmp_path / "fmt", ["ort"], strategy="auto", dynamic_batch=False,
+        onnx_target="ort", input_shape=SHAPE)}
+    assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
+    assert results["onnx"].details["nchwc_convs"] == 2
+    x = torch.randn(SHAPE)
+    with OnnxRuntimeRunner(results["ort"].path) as runner, torch.no_grad():
+        (got,) = runner.infer({results["ort"].input_names[0]: x.numpy()}).values()
+        _assert_matches(got, net(x), rtol=1e-5)
