@@ -38,13 +38,18 @@ def _torch(model: nn.Module, spec: IOSpec, artifact: ExportResult | None, thread
     return TorchRunner(model, spec, threads=threads, name="torch")
 
 
+#: ONNX Runtime's idle pool threads spin by default; with several threads the benchmark turns
+#: that off, for both models alike: in interleaved A/B rounds the idle session's spinning
+#: threads otherwise steal the running one's cores (on this 2-core machine the ratio of
+#: od_resnet18 k=1 read 1.18 with an IQR of 0.81-1.62 spinning, 1.25 (1.23-1.26) not).
 def _ort(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int) -> Runner:
-    return OnnxRuntimeRunner(artifact.path, threads=threads, name="ort")
+    return OnnxRuntimeRunner(artifact.path, threads=threads, spin=threads <= 1, name="ort")
 
 
 def _ort_format(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int
                 ) -> Runner:
-    return OnnxRuntimeRunner(artifact.path, threads=threads, name="ort-format")
+    return OnnxRuntimeRunner(artifact.path, threads=threads, spin=threads <= 1,
+                             name="ort-format")
 
 
 def _pte(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int) -> Runner:

@@ -113,7 +113,8 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
              f"onnxruntime {machine['onnxruntime']}, executorch {machine['executorch']}.",
              "Ratio = median of interleaved A/B rounds (ODConv deploy graph / static twin), "
              "IQR in brackets; latencies are per batch; met = upper quartile of the ratio "
-             "within the target.", "",
+             "within the target; ONNX Runtime with 2 threads runs without spin-waiting pool "
+             "threads (both models).", "",
              "| graph | runtime | batch | strategy (batch axis) | threads | ODConv ms | static ms "
              "| ratio | target | met | floor ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],

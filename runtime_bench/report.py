@@ -49,7 +49,8 @@ def to_markdown(report: BenchReport) -> str:
              f"Settings: warm-up {c.settings.warmup}, {c.settings.iterations} iterations"
              f"{f' or {c.settings.budget_s} s' if c.settings.budget_s else ''}, strategy "
              f"{c.strategy}; latency medians with the IQR; ratio = median of interleaved A/B "
-             "rounds (ODConv / static) with its IQR.",
+             "rounds (ODConv / static) with its IQR; ONNX Runtime with several threads runs "
+             "without spin-waiting pool threads.",
              "Probes: " + "; ".join(f"{t} thread(s): sgemm {p.sgemm_gflops:.0f} GFLOP/s, read "
                                     f"{p.read_gbps:.1f} GB/s" for t, p in report.probes.items()),
              "", "| model | backend | batch | threads | median ms | IQR ms | p90 ms | img/s | "

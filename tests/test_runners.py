@@ -31,6 +31,7 @@ RUNNERS = {
     "torch": lambda a: TorchRunner(a["model"]),
     "ort-off": lambda a: OnnxRuntimeRunner(a["onnx"].path, optimization="off"),
     "ort-full-1thread": lambda a: OnnxRuntimeRunner(a["onnx"].path, threads=1),
+    "ort-2threads-no-spin": lambda a: OnnxRuntimeRunner(a["onnx"].path, threads=2, spin=False),
     "ort-format": lambda a: OnnxRuntimeRunner(a["ort"].path),
     "executorch": lambda a: ExecuTorchRunner.from_export(a["pte"], threads=1),
 }
@@ -78,3 +79,17 @@ def test_unloadable_artifact_is_a_clear_error(tmp_path):
 def test_coreml_predict_unavailable_off_macos_says_why(tmp_path):
     with pytest.raises(BackendUnavailableError, match="needs macOS"):
         CoreMLRunner(tmp_path / "m.mlpackage").activate()
+
+
+@pytest.mark.parametrize("threads,spin", [(1, "1"), (2, "0")])
+def test_bench_ort_pools_spin_only_single_threaded(artifacts, threads, spin):
+    from runtime_bench.backends import BACKENDS
+
+    runner = BACKENDS["ort"].make(None, None, artifacts["onnx"], threads)
+    with runner:
+        options = runner.session.get_session_options()
+        try:
+            entry = options.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # unset: ONNX Runtime's default, spinning
+            entry = "1"
+        assert entry == spin

@@ -21,13 +21,16 @@ class OnnxRuntimeRunner(Runner):
         path: ``.onnx`` or ``.ort`` file.
         optimization: Graph optimisations: ``off``, ``basic``, ``extended`` or ``full``.
         threads: Intra-op threads (``None``: ONNX Runtime's default).
+        spin: Whether idle intra-op threads spin-wait for work (ONNX Runtime's default). Off,
+            two sessions that take turns on a small machine do not steal each other's cores.
         name: Display name.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, *, optimization: str = "full",
-                 threads: int | None = None, name: str | None = None) -> None:
+                 threads: int | None = None, spin: bool = True, name: str | None = None
+                 ) -> None:
         super().__init__(name=name)
         if optimization not in OPTIMIZATION_LEVELS:
             raise RunnerError(f"Unknown optimization level {optimization!r}; expected one of "
@@ -35,6 +38,7 @@ class OnnxRuntimeRunner(Runner):
         self.path = os.fspath(path)
         self.optimization = optimization
         self.threads = threads
+        self.spin = spin
         self.session = None
 
     def activate_impl(self) -> None:  # noqa: D102
@@ -50,6 +54,8 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if not self.spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(self.path, opts,
                                                 providers=["CPUExecutionProvider"])
