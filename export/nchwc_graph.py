@@ -64,6 +64,8 @@ def _unblock_chain(graph: object, conv: object, producers: dict[str, object], bl
     blocked_shape = _constant(graph, inner.input[1], producers)
     if blocked_shape is None or perm != UNBLOCK_PERMS.get(len(blocked_shape)):
         return None
+    if _constant(graph, outer.input[1], producers) is None:
+        return None  # the conv weight's shape must be known
     if any(int(d) != block for d in blocked_shape[len(blocked_shape) // 2 + 1:]):
         return None  # the block axes (last one or two) must be this graph's block
     return inner.input[0], [outer, transpose, inner]
@@ -100,7 +102,7 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
     graph = model.graph
     producers = _producers(graph)
     consumers = Counter(name for node in graph.node for name in node.input)
-    replaced: dict[int, list[object]] = {}  # id(conv) -> its new nodes
+    replaced: dict[int, list[object]] = {}  # the conv's index in graph.node -> its new nodes
     dead: set[int] = set()
     for index, conv in enumerate(list(graph.node)):
         if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
@@ -173,5 +175,6 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
 def count_unblocked_convs(model: object, block: int) -> int:
     """Convs of ``model`` still reading an unblocked weight (0 after the rewrite)."""
     producers = _producers(model.graph)
-    return sum(1 for node in model.graph.node if node.op_type == "Conv" and node.domain == ""
+    return sum(1 for node in model.graph.node
+               if node.op_type == "Conv" and node.domain in ("", "ai.onnx")
                and _unblock_chain(model.graph, node, producers, block) is not None)

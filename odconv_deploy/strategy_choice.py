@@ -17,7 +17,7 @@ static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms
   only on ONNX Runtime CPUs with the same block, see :mod:`odconv_deploy.layers.ort_nchwc`).
   Where this onnxruntime has no NCHWc kernels, ``dynamic_weight`` as for ONNX. Whole models,
   batch 1, 1 thread, ratio to static against the ``dynamic_weight`` graph: od_resnet18 k=4
-  1.54x -> 1.38x, k=1 1.31x -> 1.12x, od_mobilenetv2_100 k=4 2.50x -> 1.84x. Single depthwise
+  1.54x -> 1.37x, k=1 1.31x -> 1.15x, od_mobilenetv2_100 k=4 2.50x -> 1.89x. Single depthwise
   layers of od_mobilenetv2_100: 2.0-2.6x faster than ``dynamic_weight`` (96 ch at 112x112,
   stride 2: 0.96 vs 2.26 ms; static 0.75 ms).
 - **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the

@@ -1,7 +1,8 @@
 """Inference-time ODConv: the same function as the train form, in export-friendly ops.
 
 Three strategies (brief section 3), each an exact rewrite and each its own class, plus one
-form for depthwise layers only (``depthwise_taps``, chosen per layer by ``strategy="auto"``):
+form for depthwise layers only (``depthwise_taps``, chosen per layer by ``strategy="auto"``;
+so is ``ort_nchwc``, for ONNX Runtime CPU, in :mod:`odconv_deploy.layers.ort_nchwc`):
 
 - ``im2col``: pad/slice im2col and a batched matmul with the per-sample aggregated weight.
   Any batch, no tensor above rank 4, no dynamic conv weight.

@@ -4,12 +4,12 @@ ONNX Runtime reorders only *constant* conv weights into the NCHWc layout of its 
 kernels; a standard ``Conv`` whose weight is computed at run time takes the generic im2col +
 GEMM path (depthwise: one small GEMM per channel). Its contrib op ``com.microsoft.nchwc.Conv``
 reads the weight from its input, though, so this form keeps the kernel bank in the blocked
-layout, aggregates and scales it there, and calls that op between ``ReorderInput`` and
-``ReorderOutput``. Measured per layer (1 thread, kernel_num 4, conv + weight, this project's
-x86 machine): depthwise 96 ch at 112x112 stride 2 1.69 -> 0.66 ms, 960 ch at 7x7
-0.41 -> 0.10 ms; 3x3 512->512 at 7x7 6.44 -> 5.98 ms. 1x1 convs gain nothing (the reorders
-cost what the kernel saves), so they are refused here and ``auto`` keeps them on
-``dynamic_weight``.
+layout and aggregates and scales it there, and the ONNX export replaces its conv with that op
+between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`). Measured per layer
+(1 thread, kernel_num 4, conv + weight, this project's x86 machine): depthwise 96 ch at
+112x112 stride 2 1.69 -> 0.66 ms, 960 ch at 7x7 0.41 -> 0.10 ms; 3x3 512->512 at 7x7
+6.44 -> 5.98 ms. 1x1 convs gain nothing (the reorders cost what the kernel saves), so they
+are refused here and ``auto`` keeps them on ``dynamic_weight``.
 
 The block size is the CPU's (8 with AVX2, 16 with AVX-512): a graph is built for one block,
 records it (``ort_nchwc_block`` in the ONNX metadata) and carries a guard that makes ONNX
