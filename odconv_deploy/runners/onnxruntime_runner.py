@@ -67,8 +67,10 @@ class OnnxRuntimeRunner(Runner):
     def _check_nchwc_block(self) -> None:
         """Refuse a graph laid out for another CPU's NCHWc block (``ort_nchwc`` layers)."""
         wanted = self.session.get_modelmeta().custom_metadata_map.get(BLOCK_METADATA_KEY)
+        if wanted is None:
+            return
         here = ort_nchwc_block()
-        if wanted is not None and wanted != str(here):
+        if wanted != str(here):
             self.session = None
             raise RunnerError(
                 f"{self.name}: {self.path} was exported for ONNX Runtime's NCHWc block "
