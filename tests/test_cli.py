@@ -78,8 +78,12 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
     assert main(["export", *model, "--formats", "onnx", "--out", str(tmp_path),
                  "--static-batch", "--onnx-target", "ort"]) == 0
     proto = onnx.load(str(tmp_path / "od_mobilenetv2_050.onnx"))
-    assert {p.key: p.value for p in proto.metadata_props}[BLOCK_METADATA_KEY] == str(block)
-    assert sum(n.domain == NCHWC_DOMAIN and n.op_type == "Conv" for n in proto.graph.node) == 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta[BLOCK_METADATA_KEY] == str(block)
+    # Every ort_nchwc layer's conv runs the NCHWc op (17 depthwise layers with block 8).
+    layers = dict(item.split(":") for item in meta["layer_strategies"].split(","))
+    nchwc_convs = sum(n.domain == NCHWC_DOMAIN and n.op_type == "Conv" for n in proto.graph.node)
+    assert nchwc_convs == int(layers["ort_nchwc"]) >= 10
     capsys.readouterr()
     assert main(["validate", *model, "--onnx", str(tmp_path / "od_mobilenetv2_050.onnx"),
                  "--batches", "1", "--static-batch"]) == 0
