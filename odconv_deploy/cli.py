@@ -80,10 +80,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     import tempfile
 
     from export import ExportFormat, artifact_result, export_formats, parse_formats
+    from export._common import check_batch_size
     from odconv_deploy.model_source import load_zoo_model
     from odconv_deploy.reparameterize import convert_model
     from odconv_deploy.validation.artifacts import validate_artifacts
 
+    check_batch_size(args.batch_size, not args.static_batch)  # before any work
     kwargs = {} if args.model == "od_tinynet_digits" else {"kernel_num": args.kernel_num}
     loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, **kwargs)
     given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
@@ -100,11 +102,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                                      strategy=args.strategy, converted=deploy,
                                      io_spec=loaded.io_spec,
                                      dynamic_batch=not args.static_batch,
+                                     batch_size=args.batch_size, onnx_target=args.onnx_target,
                                      overwrite=args.overwrite,
                                      progress=lambda s: print(f"-> {s} ...", file=sys.stderr))
             for r in results:
                 print(r.summary())
-        batches = [int(b) for b in args.batches.split(",")]
+        default = str(args.batch_size) if args.static_batch else "1,3"
+        batches = [int(b) for b in (args.batches or default).split(",")]
         report = validate_artifacts(loaded.model, results, io_spec=loaded.io_spec,
                                     deploy_model=deploy, batches=batches, seed=args.seed,
                                     image_folder=args.images)
@@ -219,10 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte",
                    help="formats to export and validate when no artifact is given")
     p.add_argument("--out", default=None, help="keep exported artifacts here (default: temp)")
-    p.add_argument("--batches", default="1,3", help="batch sizes to compare")
+    p.add_argument("--batches", default=None,
+                   help="batch sizes to compare (default: 1,3; with --static-batch the fixed "
+                   "batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--images", default=None, help="folder of images to use as inputs")
-    p.add_argument("--static-batch", action="store_true", help="artifacts have batch 1 only")
+    p.add_argument("--static-batch", action="store_true",
+                   help="artifacts have a fixed batch (--batch-size, default 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="with --static-batch: the batch exported artifacts have (other than 1: "
+                   "onnx, onnx-sim and ort only)")
+    p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
+                   help="as for export: 'ort' validates the graphs made for ONNX Runtime CPU "
+                   "on this machine")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_cmd_validate)
 

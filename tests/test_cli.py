@@ -88,3 +88,14 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
     assert main(["validate", *model, "--onnx", str(tmp_path / "od_mobilenetv2_050.onnx"),
                  "--batches", "1", "--static-batch"]) == 0
     assert "FAIL" not in capsys.readouterr().out
+    # validate exports such a set itself, here with batch 2 baked in, and compares batch 2
+    assert main(["validate", *model, "--formats", "onnx", "--static-batch", "--batch-size", "2",
+                 "--onnx-target", "ort"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs image[2, 3, 224, 224]" in out and "| ort onnx (opt full) | 2 |" in out
+    assert "validation PASSED" in out
+
+
+def test_validate_cli_refuses_a_batch_size_without_static_batch(capsys):
+    assert main(["validate", "--model", "od_tinynet", "--batch-size", "2"]) == 2
+    assert "batch_size=2 fixes the batch" in capsys.readouterr().err
