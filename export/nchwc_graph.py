@@ -49,8 +49,11 @@ def _constant(graph: object, name: str, producers: dict[str, object]) -> np.ndar
 
 
 def _unblock_chain(graph: object, conv: object, producers: dict[str, object], block: int
-                   ) -> tuple[str, list[object]] | None:
-    """``(blocked weight name, chain nodes)`` if ``conv``'s weight is an unblocked one."""
+                   ) -> tuple[str, list[object], np.ndarray] | None:
+    """The blocked weight's name, the chain nodes and the conv weight's shape, or None.
+
+    None unless ``conv``'s weight is an unblocked one of this block.
+    """
     outer = producers.get(conv.input[1])
     if outer is None or outer.op_type != "Reshape":
         return None
@@ -64,11 +67,12 @@ def _unblock_chain(graph: object, conv: object, producers: dict[str, object], bl
     blocked_shape = _constant(graph, inner.input[1], producers)
     if blocked_shape is None or perm != UNBLOCK_PERMS.get(len(blocked_shape)):
         return None
-    if _constant(graph, outer.input[1], producers) is None:
+    weight_shape = _constant(graph, outer.input[1], producers)
+    if weight_shape is None:
         return None  # the conv weight's shape must be known
     if any(int(d) != block for d in blocked_shape[len(blocked_shape) // 2 + 1:]):
         return None  # the block axes (last one or two) must be this graph's block
-    return inner.input[0], [outer, transpose, inner]
+    return inner.input[0], [outer, transpose, inner], weight_shape
 
 
 def _fusable_activation(graph: object, conv_out: str, producers: dict[str, object],
@@ -110,8 +114,7 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
         chain = _unblock_chain(graph, conv, producers, block)
         if chain is None:
             continue
-        blocked, chain_nodes = chain
-        weight_shape = _constant(graph, chain_nodes[0].input[1], producers)
+        blocked, chain_nodes, weight_shape = chain
         prefix = f"{conv.name or conv.output[0]}/nchwc"
 
         def const(suffix: str, values: list[int], prefix: str = prefix) -> str:

@@ -183,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="deploy-form strategy; 'auto' chooses per layer for each format")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
+    def exported_set_args(p: argparse.ArgumentParser) -> None:
+        """Batch axis and ONNX target of the artifacts a command exports."""
+        p.add_argument("--static-batch", action="store_true",
+                       help="fix the batch (to --batch-size) instead of a dynamic batch axis")
+        p.add_argument("--batch-size", type=int, default=1,
+                       help="with --static-batch: the fixed batch (other than 1: onnx, onnx-sim "
+                       "and ort only)")
+        p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
+                       help="onnx: graphs any runtime runs; ort: for ONNX Runtime CPU on this "
+                       "machine (with --strategy auto and --static-batch, 3x3 and depthwise "
+                       "layers run ORT's NCHWc kernels; a CPU with another NCHWc block refuses "
+                       "the file)")
+
     p = sub.add_parser("convert", help="convert a model to its deploy form and save it",
                        formatter_class=fmt)
     model_args(p, None, 4)
@@ -202,15 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
                    help="CoreML compute precision")
-    p.add_argument("--static-batch", action="store_true",
-                   help="fix the batch (to --batch-size) instead of a dynamic batch axis")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="with --static-batch: the fixed batch (other than 1: onnx, onnx-sim "
-                   "and ort only)")
-    p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
-                   help="onnx: graphs any runtime runs; ort: for ONNX Runtime CPU on this "
-                   "machine (with --strategy auto and --static-batch, 3x3 and depthwise layers "
-                   "run ORT's NCHWc kernels; a CPU with another NCHWc block refuses the file)")
+    exported_set_args(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("validate", help="check exported artifacts against PyTorch on every "
@@ -228,14 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--images", default=None, help="folder of images to use as inputs")
-    p.add_argument("--static-batch", action="store_true",
-                   help="artifacts have a fixed batch (--batch-size, default 1)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="with --static-batch: the batch exported artifacts have (other than 1: "
-                   "onnx, onnx-sim and ort only)")
-    p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
-                   help="as for export: 'ort' validates the graphs made for ONNX Runtime CPU "
-                   "on this machine")
+    exported_set_args(p)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_cmd_validate)
 

@@ -35,8 +35,6 @@ SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), 
 #: Forms timed per backend (XNNPACK does not take a computed conv weight).
 FORMS = {"ort": ("im2col", "depthwise_taps", "dynamic_weight", "ort_nchwc", "static"),
          "pte": ("im2col", "depthwise_taps", "static")}
-#: Forms whose exported graphs have the batch baked in.
-FIXED_BATCH_FORMS = ("dynamic_weight", "ort_nchwc")
 
 
 def build(form: str, channels: int, stride: int, seed: int) -> nn.Module:
@@ -61,7 +59,8 @@ def measure_shape(channels: int, size: int, stride: int, backends: list[str], it
             stem = work / f"dw_{channels}_{size}_{stride}_{form}"
             if backend == "ort":
                 result = export_onnx(model, f"{stem}.onnx", input_shape=shape, overwrite=True,
-                                     dynamic_batch=form not in FIXED_BATCH_FORMS)
+                                     dynamic_batch=form == "static"
+                                     or LAYER_FORMS[form].supports_dynamic_batch)
                 runners["ort", form] = OnnxRuntimeRunner(result.path, threads=1)
             else:
                 result = export_executorch(model, f"{stem}.pte", input_shape=shape,

@@ -19,6 +19,7 @@ loads with plain ``load_state_dict``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -403,19 +404,19 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
         extra_weight_pass = not self.has_spatial and not self.depthwise
         return not extra_weight_pass or self.out_channels * columns <= self.in_channels * pixels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference-mode forward."""
-        self._check(x)
-        att = self.attentions(x)
-        flat = self.weight.reshape(self.kernel_num, -1)
-        k, cout, cin_g = self.kernel_size, self.out_channels, self.in_channels // self.groups
-        columns = cin_g * self.taps
-        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
-        channel_on_weight = self._channel_on_weight(x.shape[2] * x.shape[3])
-        filter_on_weight = att.filter is not None and columns <= out_h * out_w
-        bias_in_conv = att.filter is None or filter_on_weight
+    def _per_sample_convs(
+        self, x: torch.Tensor, att: Attentions, bank: torch.Tensor, channel_on_weight: bool,
+        bias_in_conv: bool,
+        conv_weight: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
+                              torch.Tensor],
+    ) -> torch.Tensor:
+        """One conv per sample, on ``conv_weight(aggregated kernel, sample)``, then the filter.
+
+        ``bank`` is ``[K, N]``; ``sample(t)`` picks the current sample's row of a per-sample
+        tensor. The channel attention scales the input unless ``channel_on_weight``.
+        """
         # All samples' kernels in one product: the bank is read once, not once per sample.
-        aggregated = att.kernel @ flat if att.kernel is not None else None
+        aggregated = att.kernel @ bank if att.kernel is not None else None
         outs = []
         # Batch 1: reshapes, not per-sample indexing (each Gather or Slice is a node, and a
         # copy of the activation, in ONNX).
@@ -424,8 +425,29 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
             def sample(t: torch.Tensor, b: int = b) -> torch.Tensor:
                 return t.reshape(-1) if single else t[b]
 
-            weight = flat if att.kernel is None else sample(aggregated)
-            weight = weight.reshape(cout, columns)
+            kernel = bank.reshape(-1) if aggregated is None else sample(aggregated)
+            weight = conv_weight(kernel, sample)
+            xb = x if single else x[b:b + 1]
+            if not channel_on_weight:
+                xb = xb * sample(att.channel).reshape(1, -1, 1, 1)
+            outs.append(F.conv2d(xb, weight, self.bias if bias_in_conv else None,
+                                 self.stride, self.padding, self.dilation, self.groups))
+        out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        return out if bias_in_conv else self._finish(out, att.filter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference-mode forward."""
+        self._check(x)
+        att = self.attentions(x)
+        k, cout, cin_g = self.kernel_size, self.out_channels, self.in_channels // self.groups
+        columns = cin_g * self.taps
+        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+        channel_on_weight = self._channel_on_weight(x.shape[2] * x.shape[3])
+        filter_on_weight = att.filter is not None and columns <= out_h * out_w
+
+        def conv_weight(kernel: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> torch.Tensor:
+            weight = kernel.reshape(cout, columns)
             rows = sample(att.filter) if filter_on_weight else None
             cols = None  # [C_in/g, k*k], flattened to match the weight's columns
             if channel_on_weight and self.depthwise:
@@ -439,14 +461,11 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
                 weight = weight * cols.reshape(1, columns)
             if rows is not None:
                 weight = weight * rows.reshape(cout, 1)
-            xb = x if single else x[b:b + 1]
-            if not channel_on_weight:
-                xb = xb * sample(att.channel).reshape(1, -1, 1, 1)
-            outs.append(F.conv2d(xb, weight.reshape(cout, cin_g, k, k),
-                                 self.bias if bias_in_conv else None,
-                                 self.stride, self.padding, self.dilation, self.groups))
-        out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return out if bias_in_conv else self._finish(out, att.filter)
+            return weight.reshape(cout, cin_g, k, k)
+
+        bank = self.weight.reshape(self.kernel_num, -1)
+        return self._per_sample_convs(x, att, bank, channel_on_weight,
+                                      att.filter is None or filter_on_weight, conv_weight)
 
 
 class StaticWeightODConv2d(ODConv2dDeploy):

@@ -24,7 +24,6 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.layers.deploy import DynamicWeightODConv2d
@@ -181,27 +180,17 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
         # With a spatial factor the weight is scaled anyway, so the channel factor joins it.
         channel_on_weight = (att.spatial is not None
                              or self._channel_on_weight(x.shape[2] * x.shape[3]))
-        bias_in_conv = att.filter is None
-        # All samples' kernels in one product: the bank is read once, not once per sample.
-        aggregated = att.kernel @ self.weight if att.kernel is not None else None
-        single = x.shape[0] == 1
-        outs = []
-        for b in range(x.shape[0]):
-            def sample(t: torch.Tensor, b: int = b) -> torch.Tensor:
-                return t.reshape(-1) if single else t[b]
 
-            weight = self.weight.reshape(-1) if aggregated is None else sample(aggregated)
+        def conv_weight(kernel: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> torch.Tensor:
             if channel_on_weight:  # each row: one block of output channels
                 scale = self._weight_scale(att, sample)
-                weight = weight.reshape(-1, scale.shape[1]) * scale
-            xb = x if single else x[b:b + 1]
-            if not channel_on_weight:
-                xb = xb * sample(att.channel).reshape(1, -1, 1, 1)
+                kernel = kernel.reshape(-1, scale.shape[1]) * scale
             # Exported as Reshape -> Transpose -> Reshape -> Conv, which the ONNX export
             # rewrites to ORT's NCHWc ops on the blocked weight (export/nchwc_graph.py).
-            weight = unblock_weight(weight, self.out_channels, cin_g, self.kernel_size,
-                                    self.block, self.depthwise)
-            outs.append(F.conv2d(xb, weight, self.bias if bias_in_conv else None,
-                                 self.stride, self.padding, self.dilation, self.groups))
-        out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return out if bias_in_conv else self._finish(out, att.filter)
+            return unblock_weight(kernel, self.out_channels, cin_g, self.kernel_size,
+                                  self.block, self.depthwise)
+
+        # The filter attention always scales the output (see the class docstring).
+        return self._per_sample_convs(x, att, self.weight, channel_on_weight,
+                                      att.filter is None, conv_weight)
