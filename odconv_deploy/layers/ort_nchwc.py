@@ -5,11 +5,14 @@ kernels; a standard ``Conv`` whose weight is computed at run time takes the gene
 GEMM path (depthwise: one small GEMM per channel). Its contrib op ``com.microsoft.nchwc.Conv``
 reads the weight from its input, though, so this form keeps the kernel bank in the blocked
 layout and aggregates and scales it there, and the ONNX export replaces its conv with that op
-between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`). Measured per layer
-(1 thread, kernel_num 4, conv + weight, this project's x86 machine): depthwise 96 ch at
-112x112 stride 2 1.69 -> 0.66 ms, 960 ch at 7x7 0.41 -> 0.10 ms; 3x3 512->512 at 7x7
-6.44 -> 5.98 ms. 1x1 convs gain nothing (the reorders cost what the kernel saves), so they
-are refused here and ``auto`` keeps them on ``dynamic_weight``.
+between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`). Measured on this
+project's x86 machine, 1 thread, kernel_num 4: whole depthwise layers 2.0-2.6x faster than
+``dynamic_weight`` (``python -m runtime_bench.depthwise_forms``; 96 ch at 112x112, stride 2:
+2.26 -> 0.96 ms), od_resnet18's convs 47.9 -> 40.7 ms, the static twin's 40.1
+(``python -m runtime_bench.ort_profile``). 1x1 convs gain nothing (the reorders cost what the
+kernel saves; a one-off script, not committed, timed MobileNetV2's 1x1 shapes: 0.49-0.50 vs
+0.40-0.41 ms at 56x56, at most 5% faster at 7x7), so they are refused here and ``auto`` keeps
+them on ``dynamic_weight``.
 
 The block size is the CPU's (8 with AVX2, 16 with AVX-512): a graph is built for one block,
 records it (``ort_nchwc_block`` in the ONNX metadata) and carries a guard that makes ONNX
