@@ -25,6 +25,19 @@ Numerics (the documented choice):
   never counted; explicit padding is counted unless ``exclude_padding_from_average``.
 - ``cast`` from float to integer, and ``real_div`` on integers (shape arithmetic), truncate
   toward zero (the quotient is cast to the declared integer dtype).
+- Resizing (``upsample_*``, ``resize_*``, iOS17 ``resize``) follows the sampling grids of
+  coremltools' MIL op definitions: ``upsample_bilinear`` recomputes the spacing from the output
+  size (``align_corners=True``: ``(in-1)/(out-1)``; ``False``: half-pixel ``in/out``),
+  ``resize_bilinear`` implements the five documented ``sampling_mode`` grids.
+  ``upsample_nearest_neighbor`` reads ``floor(i*in/out)`` (for fractional scales that is the
+  CPU behaviour coremltools' op test pins; its GPU variant is marked failing), nearest-neighbour
+  resizing to a target size the half-pixel index ``floor((i+0.5)*in/out)``. Bilinear weights
+  and sums are float32, rounded once (like conv). Cases without a documented rule
+  (``align_corners`` equal to ``half_pixel_centers``, nearest ``resize`` with a non-DEFAULT
+  sampling mode, a nearest index that float32 rounding would move, ...) raise
+  :class:`UnsupportedMILOpError` naming the op and mode instead of guessing.
+- ``conv_transpose`` accumulates in float32; ``same`` padding crops the full result the TF way
+  (the odd element after), and an ``output_shape`` must agree with ``valid``/``custom`` sizes.
 - Flexible dims are checked for consistency between inputs, not against the ``RangeDim``
   bounds (those live in the model description, not in the MIL program).
 
@@ -795,6 +808,436 @@ def _k_pixel_shuffle(ctx: _OpContext) -> np.ndarray:
     return x.reshape(b, c // (r * r), h * r, w * r)
 
 
+# --------------------------------------------------------------------------------------------
+# Image resizing, crop, pixel (un)shuffle and transposed convolution
+#
+# Semantics follow coremltools' MIL op definitions (ops/defs/iOS15..iOS17/image_resizing.py,
+# conv.py) and the expected values of coremltools' own op tests, which run against Core ML.
+# Where those leave a case open (a mode without a documented formula, or a size for which
+# the plausible index rules disagree) the kernel refuses with UnsupportedMILOpError naming the
+# op, the mode and the reason; prechecks raise these before anything runs where the op's
+# parameters and spatial input sizes are static (see MILExecutor.check_supported).
+# --------------------------------------------------------------------------------------------
+
+#: ``resize_bilinear`` / ``resize`` sampling modes with a documented sampling grid.
+_SAMPLING_MODES = ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS", "DEFAULT", "OFFSET_CORNERS",
+                   "UNALIGN_CORNERS")
+
+
+def _refuse(op_type: str, detail: str) -> UnsupportedMILOpError:
+    return UnsupportedMILOpError(f"{op_type}: {detail}; the reference executor refuses rather "
+                                 "than guess how Core ML computes it.")
+
+
+def _linear_grid(mode: str, n_in: int, n_out: int) -> np.ndarray:
+    """Source coordinates (float64, clamped to ``[0, n_in - 1]``) of ``n_out`` samples.
+
+    The grids of ``resize_bilinear``'s documented sampling modes; ``upsample_bilinear``
+    uses ``STRICT_ALIGN_CORNERS`` (``align_corners=True``) or ``UNALIGN_CORNERS``.
+    """
+    i = np.arange(n_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if n_out == 1:
+            grid = np.full(1, (n_in - 1) / 2 if mode == "ALIGN_CORNERS" else 0.0)
+        else:
+            grid = i * ((n_in - 1) / (n_out - 1))
+    elif mode == "DEFAULT":
+        spacing = (n_in - n_in / n_out) / (n_out - 1) if n_out > 1 else 0.0
+        grid = i * spacing
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, n_in - 1) / n_out
+        grid = 0.5 * delta + i * delta
+    elif mode == "UNALIGN_CORNERS":
+        spacing = n_in / n_out
+        grid = i * spacing + 0.5 * spacing - 0.5
+    else:
+        raise MILExecutionError(f"unknown sampling mode '{mode}'")
+    return np.minimum(n_in - 1, np.maximum(0.0, grid))
+
+
+def _lerp_axis(x: np.ndarray, axis: int, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of float32 ``x`` along ``axis`` at source coordinates ``grid``."""
+    n_in = x.shape[axis]
+    lo = np.floor(grid).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (grid - lo).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+    return np.take(x, lo, axis=axis) * (1.0 - frac) + np.take(x, hi, axis=axis) * frac
+
+
+def _resample_linear(x: np.ndarray, grids: Sequence[np.ndarray]) -> np.ndarray:
+    """Separable (bi)linear resampling of the trailing ``len(grids)`` axes (float32)."""
+    for k, grid in enumerate(grids):
+        x = _lerp_axis(x, x.ndim - len(grids) + k, grid)
+    return x
+
+
+def _take_trailing(x: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
+    """``x`` gathered along its trailing ``len(indices)`` axes (nearest-neighbour resampling)."""
+    for k, idx in enumerate(indices):
+        x = np.take(x, idx, axis=x.ndim - len(indices) + k)
+    return x
+
+
+def _nearest_indices(op_type: str, axis: str, n_in: int, n_out: int,
+                     half_pixel: bool) -> np.ndarray:
+    """Source indices ``floor(i * in / out)`` (or ``floor((i + 0.5) * in / out)``), clamped.
+
+    Computed exactly in integers. Where evaluating the same rule in float32 (as a runtime
+    would, e.g. torch) lands on another index (``i * in / out`` an exact integer and
+    ``fp32(in / out)`` rounded down; rare: 5 of the size pairs up to 32 -> 64) the rounding
+    Core ML uses is not documented, so the op is refused.
+    """
+    i = np.arange(n_out, dtype=np.int64)
+    exact = ((2 * i + 1) * n_in) // (2 * n_out) if half_pixel else (i * n_in) // n_out
+    ratio = np.float32(n_in / n_out)
+    approx = np.floor((i.astype(np.float32) + np.float32(0.5 if half_pixel else 0.0)) * ratio)
+    exact = np.minimum(exact, n_in - 1)
+    approx = np.minimum(approx.astype(np.int64), n_in - 1)
+    if not np.array_equal(exact, approx):
+        first = int(np.flatnonzero(exact != approx)[0])
+        raise _refuse(op_type, f"{axis} {n_in} -> {n_out}: output {first} reads {exact[first]} "
+                      f"in exact arithmetic but {approx[first]} in float32, and Core ML's "
+                      "rounding of the nearest-neighbour index is not documented")
+    return exact
+
+
+def _scale_value(ctx: _OpContext, name: str) -> np.generic:
+    return np.asarray(ctx.raw(name, 1)).reshape(-1)[0]
+
+
+def _scaled_size(n_in: int, scale: np.generic) -> int:
+    """``floor(n_in * scale)`` as coremltools' type inference computes it (in the scale's dtype)."""
+    return int(np.floor(scale * scale.dtype.type(n_in)))
+
+
+def _static_dims(var: Var, n: int) -> list[int] | None:
+    """The trailing ``n`` dims of ``var`` when they are all known at compile time."""
+    dims = list(var.shape)[-n:]
+    return [int(d) for d in dims] if len(dims) == n and all(map(_is_int_dim, dims)) else None
+
+
+def _upsample_nearest_indices(ctx: _OpContext, sizes: Sequence[int] | None
+                              ) -> list[np.ndarray] | None:
+    """Source rows/cols of ``upsample_nearest_neighbor`` for input sizes ``(H, W)``.
+
+    Output size ``floor(in * scale)``; output ``i`` reads ``floor(i * in / out)``. Integer
+    scales repeat every element ``scale`` times. For fractional scales (the torch converter
+    writes ``(out + 1e-4) / in`` for a ``size`` that is no multiple of the input) the rule is
+    the one coremltools' op test pins on the CPU (width 3 at scale 1.12 stays the identity,
+    which ``floor(i / scale)`` would not give; 3 at 0.67 reads 0, 1, which rules out
+    half-pixel centers); that test is marked failing on the GPU (rdar://97398448), so a GPU
+    may pick other rows for fractional scales.
+    """
+    scales = [_scale_value(ctx, "scale_factor_height"), _scale_value(ctx, "scale_factor_width")]
+    if sizes is None:
+        return None
+    out = []
+    for axis, n_in, scale in zip(("height", "width"), sizes, scales, strict=True):
+        n_out = _scaled_size(n_in, scale)
+        if n_out <= 0:
+            raise MILExecutionError(f"upsample_nearest_neighbor: scale {scale} maps {axis} "
+                                    f"{n_in} to {n_out}")
+        out.append(_nearest_indices("upsample_nearest_neighbor", axis, n_in, n_out, False))
+    return out
+
+
+def _k_upsample_nearest_neighbor(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    return _take_trailing(x, _upsample_nearest_indices(ctx, x.shape[-2:]))
+
+
+def _upsample_bilinear_mode(ctx: _OpContext) -> str:
+    """The ``resize_bilinear`` sampling grid that ``upsample_bilinear`` uses.
+
+    ``align_corners=True`` is ``STRICT_ALIGN_CORNERS`` and ``align_corners=False`` is
+    ``UNALIGN_CORNERS`` (TF half-pixel centers), with the spacing recomputed from the output
+    size (``in / out``), as the iOS15 definition documents. iOS16 adds ``half_pixel_centers``
+    (default ``not align_corners``); its other two combinations have no documented grid.
+    """
+    align = ctx.bool("align_corners", True)
+    half_pixel = ctx.bool("half_pixel_centers", not align)
+    if half_pixel == align:
+        raise _refuse("upsample_bilinear", f"align_corners={align} with half_pixel_centers="
+                      f"{half_pixel} has no documented sampling grid")
+    return "STRICT_ALIGN_CORNERS" if align else "UNALIGN_CORNERS"
+
+
+def _upsample_bilinear_grids(ctx: _OpContext, sizes: Sequence[int] | None
+                             ) -> list[np.ndarray] | None:
+    mode = _upsample_bilinear_mode(ctx)
+    scales = [_scale_value(ctx, "scale_factor_height"), _scale_value(ctx, "scale_factor_width")]
+    if sizes is None:
+        return None
+    grids = []
+    for axis, n_in, scale in zip(("height", "width"), sizes, scales, strict=True):
+        n_out = _scaled_size(n_in, scale)
+        if n_out <= 0:
+            raise MILExecutionError(f"upsample_bilinear: scale {scale} maps {axis} {n_in} to "
+                                    f"{n_out}")
+        if mode == "STRICT_ALIGN_CORNERS" and n_out == 1 and n_in > 1:
+            raise _refuse("upsample_bilinear", f"align_corners=True with output {axis} 1 "
+                          "(spacing (in-1)/(out-1) is undefined)")
+        grids.append(_linear_grid(mode, n_in, n_out))
+    return grids
+
+
+def _k_upsample_bilinear(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    return _resample_linear(x, _upsample_bilinear_grids(ctx, x.shape[-2:]))
+
+
+def _resize_bilinear_grids(ctx: _OpContext, sizes: Sequence[int] | None
+                           ) -> list[np.ndarray] | None:
+    mode = ctx.str("sampling_mode", "DEFAULT")
+    if mode not in _SAMPLING_MODES:
+        raise _refuse("resize_bilinear", f"sampling_mode '{mode}' is not documented")
+    targets = [ctx.int("target_size_height", 1), ctx.int("target_size_width", 1)]
+    if sizes is None:
+        return None
+    return [_linear_grid(mode, n_in, n_out) for n_in, n_out in zip(sizes, targets, strict=True)]
+
+
+def _k_resize_bilinear(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    return _resample_linear(x, _resize_bilinear_grids(ctx, x.shape[-2:]))
+
+
+def _resize_nearest_indices(op_type: str, sizes: Sequence[int],
+                            targets: Sequence[int]) -> list[np.ndarray]:
+    axes = ("height", "width")[-len(sizes):] if len(sizes) <= 2 else ("dim",) * len(sizes)
+    return [_nearest_indices(op_type, axis, n_in, n_out, True)
+            for axis, n_in, n_out in zip(axes, sizes, targets, strict=True)]
+
+
+def _k_resize_nearest_neighbor(ctx: _OpContext) -> np.ndarray:
+    """Nearest neighbour to a target size: ``src = floor((i + 0.5) * in / out)``.
+
+    The half-pixel rule: coremltools lowers TF ``ResizeNearestNeighbor(half_pixel_centers=True)``
+    to this op (and, for dynamic sizes, to iOS17 ``resize``, documented as its superset), and
+    ``resize``'s NEAREST_NEIGHBOR test (2 -> 3 rows read 0, 1, 1) confirms it.
+    """
+    x = np.asarray(ctx.raw("x"))
+    targets = [ctx.int("target_size_height"), ctx.int("target_size_width")]
+    return _take_trailing(x, _resize_nearest_indices("resize_nearest_neighbor", x.shape[-2:],
+                                                     targets))
+
+
+def _resize_plan(ctx: _OpContext, x_shape: Sequence[Any] | None
+                 ) -> tuple[str, str, list[int]] | None:
+    """The interpolation mode, sampling mode and resized-dim output sizes of iOS17 ``resize``.
+
+    Only the modes are checked when ``x_shape`` is not known yet (``None``).
+    """
+    interp = ctx.str("interpolation_mode", "LINEAR")
+    mode = ctx.str("sampling_mode", "DEFAULT")
+    if interp not in ("LINEAR", "NEAREST_NEIGHBOR"):
+        raise _refuse("resize", f"interpolation_mode '{interp}' is not documented")
+    if mode not in _SAMPLING_MODES:
+        raise _refuse("resize", f"sampling_mode '{mode}' is not documented")
+    if interp == "NEAREST_NEIGHBOR" and mode != "DEFAULT":
+        raise _refuse("resize", f"NEAREST_NEIGHBOR with sampling_mode '{mode}' has no "
+                      "documented index rule (only DEFAULT, the half-pixel rule, is pinned "
+                      "by Core ML's tests)")
+    k = ctx.int("resized_dims")
+    if k > 2:
+        raise _refuse("resize", f"resized_dims={k} (only 1-D and 2-D resizing is documented)")
+    if x_shape is None:
+        return None
+    shape = ctx.ints("shape")
+    if not k <= len(shape) <= len(x_shape):
+        raise MILExecutionError(f"resize: shape {shape} does not fit resized_dims {k} and "
+                                f"x of rank {len(x_shape)}")
+    sizes = list(x_shape[len(x_shape) - k:])
+    targets = [s if s != 0 else d for s, d in zip(shape[len(shape) - k:], sizes, strict=True)]
+    return interp, mode, targets
+
+
+def _k_resize(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    interp, mode, targets = _resize_plan(ctx, x.shape)
+    k = len(targets)
+    sizes = x.shape[x.ndim - k:]
+    if interp == "NEAREST_NEIGHBOR":
+        return _take_trailing(x, _resize_nearest_indices("resize", sizes, targets))
+    if not _floating(x):
+        raise _refuse("resize", f"LINEAR interpolation of {x.dtype} input (rounding of the "
+                      "interpolated integers is not documented)")
+    grids = [_linear_grid(mode, n_in, n_out) for n_in, n_out in zip(sizes, targets, strict=True)]
+    return _resample_linear(x.astype(np.float32), grids)
+
+
+def _k_crop(ctx: _OpContext) -> np.ndarray:
+    x = np.asarray(ctx.raw("x"))
+    (top, bottom), (left, right) = ctx.ints("crop_height"), ctx.ints("crop_width")
+    h, w = x.shape[-2:]
+    if top + bottom >= h or left + right >= w or min(top, bottom, left, right) < 0:
+        raise MILExecutionError(f"crop {[top, bottom]}x{[left, right]} does not fit {h}x{w}")
+    return x[..., top:h - bottom, left:w - right]
+
+
+def _k_pixel_unshuffle(ctx: _OpContext) -> np.ndarray:
+    """Inverse of pixel_shuffle (torch ``PixelUnshuffle``).
+
+    Output channel ``c*f*f + i*f + j`` holds pixel ``(h*f + i, w*f + j)`` of channel ``c``.
+    """
+    x = np.asarray(ctx.raw("x"))
+    f = ctx.int("downscale_factor")
+    b, c, h, w = x.shape
+    if h % f or w % f:
+        raise MILExecutionError(f"pixel_unshuffle: {h}x{w} not divisible by {f}")
+    x = x.reshape(b, c, h // f, f, w // f, f).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * f * f, h // f, w // f)
+
+
+def _conv_transpose_pads(ctx: _OpContext, in_sizes: Sequence[int], kernel: Sequence[int],
+                         strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+    """Per-side cropping ``[before_0, after_0, ...]`` of the full transposed convolution.
+
+    The full output has ``(in - 1) * stride + (k - 1) * dilation + 1`` elements per dim.
+    ``valid`` keeps it, ``custom`` crops ``pad``; ``same`` (output ``in * stride``, or
+    ``output_shape``) crops the TF way, the odd element after. For ``valid``/``custom`` an
+    ``output_shape`` must equal the computed size (where the extra elements would go is not
+    documented), and ``same`` must not need an output larger than the full one.
+    """
+    n = len(in_sizes)
+    full = [(i - 1) * s + (k - 1) * d + 1
+            for i, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=True)]
+    pad_type = ctx.str("pad_type", "valid")
+    out_shape = ctx.ints("output_shape", None)
+    wanted = None if out_shape is None else out_shape[2:]
+    if pad_type in ("valid", "custom"):
+        pads = [0] * 2 * n
+        if pad_type == "custom":
+            pads = ctx.ints("pad", None) or pads
+            if len(pads) != 2 * n:
+                raise MILExecutionError(f"pad has {len(pads)} values; expected {2 * n}")
+        got = [f - pads[2 * i] - pads[2 * i + 1] for i, f in enumerate(full)]
+        if wanted is not None and list(wanted) != got:
+            raise _refuse("conv_transpose", f"pad_type '{pad_type}' with output_shape "
+                          f"{out_shape} differing from the computed spatial size {got}")
+        return pads
+    if pad_type == "same":
+        target = list(wanted) if wanted is not None else [
+            i * s for i, s in zip(in_sizes, strides, strict=True)]
+        pads = []
+        for f, t in zip(full, target, strict=True):
+            total = f - t
+            if total < 0:
+                raise _refuse("conv_transpose", f"pad_type 'same' with an output ({target}) "
+                              f"larger than the full transposed convolution ({full})")
+            pads += [total // 2, total - total // 2]
+        return pads
+    raise _refuse("conv_transpose", f"pad_type '{pad_type}' is not documented")
+
+
+def _k_conv_transpose(ctx: _OpContext) -> np.ndarray:
+    """Transposed convolution, accumulated in float32 like ``conv``.
+
+    Input pixel ``p`` adds ``x[p] * w[tap]`` to output ``p * stride + tap * dilation`` of the
+    full result, which is then cropped (see :func:`_conv_transpose_pads`).
+    """
+    x, weight = ctx.tensor("x"), ctx.tensor("weight")
+    n = x.ndim - 2
+    kernel = list(weight.shape[2:])
+    strides = ctx.ints("strides", None) or [1] * n
+    dilations = ctx.ints("dilations", None) or [1] * n
+    groups = ctx.int("groups", 1)
+    batch, c_in = x.shape[:2]
+    in_sizes = list(x.shape[2:])
+    cout_g = weight.shape[1]
+    if weight.shape[0] != c_in or c_in % groups:
+        raise MILExecutionError(f"conv_transpose: x has {c_in} channels, weight "
+                                f"{tuple(weight.shape)}, groups {groups}: channels do not match")
+    pads = _conv_transpose_pads(ctx, in_sizes, kernel, strides, dilations)
+    full = [(i - 1) * s + (k - 1) * d + 1
+            for i, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=True)]
+    cin_g = c_in // groups
+    xg = x.reshape(batch, groups, cin_g, -1)
+    wg = np.moveaxis(weight.reshape(groups, cin_g, cout_g, -1), 2, 1)  # [g, C_out/g, C_in/g, T]
+    out = np.zeros([batch, groups, cout_g] + full, dtype=np.float32)
+    lead = (slice(None),) * 3
+    for t, offsets in enumerate(itertools.product(*(range(k) for k in kernel))):
+        contrib = np.matmul(wg[..., t], xg).reshape([batch, groups, cout_g] + in_sizes)
+        index = tuple(slice(o * d, o * d + (size - 1) * s + 1, s)
+                      for o, d, s, size in zip(offsets, dilations, strides, in_sizes, strict=True))
+        out[lead + index] += contrib
+    out = out.reshape([batch, groups * cout_g] + full)
+    crop = tuple(slice(pads[2 * i], full[i] - pads[2 * i + 1]) for i in range(n))
+    out = out[(slice(None), slice(None)) + crop]
+    if min(out.shape[2:], default=1) <= 0:
+        raise MILExecutionError(f"conv_transpose output would be empty: {out.shape}")
+    bias = ctx.tensor("bias", None)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * n)
+    return out
+
+
+# -- prechecks: refusals found from the op's constant parameters, before anything runs -----
+
+
+class _NotStatic(Exception):
+    """A precheck needs a value that is only known at run time; the kernel checks it then."""
+
+
+def _static_lookup(var: Var) -> Any:
+    if var.val is None:
+        raise _NotStatic(var.name)
+    return _as_value(var.val)
+
+
+def _precheck_conv_transpose(op: Operation, ctx: _OpContext) -> None:
+    in_sizes = _static_dims(op.inputs["x"], op.inputs["x"].rank - 2)
+    kernel = _static_dims(op.inputs["weight"], op.inputs["weight"].rank - 2)
+    if in_sizes is not None and kernel is not None:
+        n = len(in_sizes)
+        _conv_transpose_pads(ctx, in_sizes, kernel, ctx.ints("strides", None) or [1] * n,
+                             ctx.ints("dilations", None) or [1] * n)
+    else:
+        pad_type = ctx.str("pad_type", "valid")
+        if pad_type not in ("valid", "custom", "same"):
+            raise _refuse("conv_transpose", f"pad_type '{pad_type}' is not documented")
+
+
+def _precheck_resize_nearest_neighbor(op: Operation, ctx: _OpContext) -> None:
+    sizes = _static_dims(op.inputs["x"], 2)
+    if sizes is not None:
+        _resize_nearest_indices("resize_nearest_neighbor", sizes,
+                                [ctx.int("target_size_height"), ctx.int("target_size_width")])
+
+
+def _precheck_resize(op: Operation, ctx: _OpContext) -> None:
+    x_shape = list(op.inputs["x"].shape)
+    _resize_plan(ctx, None)  # the modes
+    if all(map(_is_int_dim, x_shape)):
+        _resize_plan(ctx, x_shape)
+
+
+_PRECHECKS: dict[str, Callable[[Operation, _OpContext], Any]] = {
+    "upsample_nearest_neighbor":
+        lambda op, ctx: _upsample_nearest_indices(ctx, _static_dims(op.inputs["x"], 2)),
+    "upsample_bilinear":
+        lambda op, ctx: _upsample_bilinear_grids(ctx, _static_dims(op.inputs["x"], 2)),
+    "resize_bilinear": lambda op, ctx: _resize_bilinear_grids(ctx, None),
+    "resize_nearest_neighbor": _precheck_resize_nearest_neighbor,
+    "resize": _precheck_resize,
+    "conv_transpose": _precheck_conv_transpose,
+}
+
+
+def _precheck(op: Operation) -> str | None:
+    """Why the executor refuses ``op`` (from its static parameters), or ``None``."""
+    check = _PRECHECKS.get(op.op_type)
+    if check is None:
+        return None
+    try:
+        check(op, _OpContext(op, _static_lookup))
+    except UnsupportedMILOpError as exc:
+        return str(exc)
+    except _NotStatic:
+        return None  # decided when the op runs
+    return None
+
+
 def _k_band_part(ctx: _OpContext) -> np.ndarray:
     x = np.asarray(ctx.raw("x"))
     lower, upper = ctx.int("lower", -1), ctx.int("upper", -1)
@@ -933,7 +1376,16 @@ _KERNELS: dict[str, Kernel] = {
     "cumsum": _k_cumsum,
     "reverse": _k_reverse,
     "pixel_shuffle": _k_pixel_shuffle,
+    "pixel_unshuffle": _k_pixel_unshuffle,
     "band_part": _k_band_part,
+    # image resizing and upsampling (detector necks)
+    "upsample_nearest_neighbor": _k_upsample_nearest_neighbor,
+    "upsample_bilinear": _k_upsample_bilinear,
+    "resize_nearest_neighbor": _k_resize_nearest_neighbor,
+    "resize_bilinear": _k_resize_bilinear,
+    "resize": _k_resize,
+    "crop": _k_crop,
+    "conv_transpose": _k_conv_transpose,
 }
 
 #: Op types the executor has a kernel for.
@@ -998,11 +1450,16 @@ class MILExecutor:
         return Counter(op.op_type for op in _iter_ops(self._function))
 
     def check_supported(self) -> None:
-        """Raise if any op of the function has no kernel; nothing is executed.
+        """Raise if any op has no kernel or is refused by its kernel; nothing is executed.
+
+        A refusal (a mode or size whose Core ML semantics are not documented, e.g.
+        ``upsample_bilinear`` with ``align_corners=half_pixel_centers``) is found here from the
+        op's constant parameters and static shapes; one that depends on run-time sizes is
+        raised, as the same error, when the op runs.
 
         Raises:
             UnsupportedMILOpError: Names every unsupported op type (with counts) and lists the
-                supported ones.
+                supported ones; or names every refused op with its mode and reason.
         """
         missing = {t: n for t, n in self.op_types.items() if t not in self._kernels}
         if missing:
@@ -1011,6 +1468,13 @@ class MILExecutor:
                 f"The MIL function '{self.function_name}' uses op types the reference executor "
                 f"has no kernel for: {found}. Supported op types: "
                 f"{', '.join(sorted(self._kernels))}."
+            )
+        refused = [f"'{op.name}' ({reason})" for op in _iter_ops(self._function)
+                   if (reason := _precheck(op)) is not None]
+        if refused:
+            raise UnsupportedMILOpError(
+                f"The MIL function '{self.function_name}' uses ops in modes the reference "
+                f"executor refuses: {'; '.join(refused)}"
             )
 
     # -- execution -----------------------------------------------------------------------
@@ -1085,7 +1549,8 @@ class MILExecutor:
             ``name -> array`` for every function output, in the dtype the program declares.
 
         Raises:
-            UnsupportedMILOpError: An op type has no kernel (checked before running).
+            UnsupportedMILOpError: An op type has no kernel, or an op's mode is refused
+                (checked before running; for run-time sizes, when the op runs).
             InputShapeError: Missing/unknown input names, or a shape or dtype mismatch.
             MILExecutionError: An op failed, or produced a value of the wrong shape.
         """
@@ -1110,6 +1575,9 @@ class MILExecutor:
         for i, op in enumerate(ops):
             try:
                 result = self._kernels[op.op_type](_OpContext(op, lookup))
+            except UnsupportedMILOpError as exc:  # a refusal decided by run-time sizes
+                raise UnsupportedMILOpError(f"Op '{op.name}' ({op.op_type}) refused: "
+                                            f"{exc}") from exc
             except Exception as exc:  # name the op; keep the cause chained
                 raise MILExecutionError(f"Op '{op.name}' ({op.op_type}) failed: "
                                         f"{type(exc).__name__}: {exc}") from exc
