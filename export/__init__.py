@@ -6,15 +6,14 @@ One module per format, each a function returning an :class:`ExportResult`:
 """
 
 from export._common import (
-    FORMAT_NAMES,
     ExportError,
     ExportFormat,
     ExportResult,
     artifact_result,
     format_layer_strategies,
-    parse_formats,
     prepare_model,
 )
+from export.formats import FORMAT_NAMES, FORMATS, FormatInfo, format_info, parse_formats
 from export.run import export_formats
 from export.simplify import simplify_onnx
 from export.to_coreml import export_coreml
@@ -25,10 +24,13 @@ from export.to_ort import export_ort
 __all__ = [
     "DEFAULT_OPSET",
     "FORMAT_NAMES",
+    "FORMATS",
+    "FormatInfo",
     "ExportError",
     "ExportFormat",
     "ExportResult",
     "artifact_result",
+    "format_info",
     "format_layer_strategies",
     "export_coreml",
     "export_executorch",

@@ -16,6 +16,7 @@ from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
+from odconv_deploy.model_source import ModelSourceError, describe_io
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
 from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
@@ -32,27 +33,6 @@ class ExportFormat(str, enum.Enum):
     COREML = "coreml"
     ORT = "ort"
     EXECUTORCH = "pte"
-
-
-#: Formats the CLI accepts, by name.
-FORMAT_NAMES = ("onnx", "onnx-sim", "coreml", "ort", "pte")
-
-
-def parse_formats(text: str) -> list[ExportFormat]:
-    """Parse ``"onnx,coreml"`` into formats, with a clear error on an unknown one."""
-    formats = []
-    for name in (n.strip() for n in text.split(",")):
-        if not name:
-            continue
-        if name not in FORMAT_NAMES:
-            raise ExportError(
-                f"Unknown export format {name!r}. Note: valid formats are "
-                f"{', '.join(FORMAT_NAMES)}."
-            )
-        formats.append(ExportFormat(name))
-    if not formats:
-        raise ExportError(f"No export format given. Note: choose from {', '.join(FORMAT_NAMES)}.")
-    return formats
 
 
 @dataclass
@@ -181,7 +161,8 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
         name: Name stamped into the artifacts (default: the zoo name or the class name).
 
     Raises:
-        ExportError: The model does not run on its declared input.
+        ExportError: The model does not run on its declared input, or returns something other
+            than tensors.
     """
     spec = resolve_io_spec(model, io_spec, input_shape)
     name = name or getattr(model, "zoo_name", None) or type(model).__name__
@@ -198,8 +179,9 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
                 f"The model is already in deploy form with strategy {sorted(strategies)}, not "
                 f"{strategy!r}. Note: pass the train-form model to choose the strategy."
             )
-        strategy = (None if not strategies else next(iter(strategies)) if len(strategies) == 1
-                    else "mixed")
+        if strategy != AUTO_STRATEGY or not strategies:  # auto: the caller's conversion
+            strategy = (None if not strategies else next(iter(strategies))
+                        if len(strategies) == 1 else "mixed")
     layer_strategies = dict(Counter(m.strategy for m in model.modules()
                                     if isinstance(m, ODConv2dDeploy)))
     if target not in ("onnx", "ort") and OrtNchwcODConv2d.strategy in layer_strategies:
@@ -207,27 +189,10 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
             f"{name} has {OrtNchwcODConv2d.strategy!r} layers, which only ONNX Runtime runs "
             f"(its NCHWc CPU kernels); {target} cannot. Note: pass the train-form model "
             "with strategy='auto' to choose each layer's form for this target.")
-    model = model.eval()
-    inputs = spec.sample_inputs(batch=1)
-    try:
-        with torch.no_grad():
-            outputs = model(*inputs)
-    except Exception as exc:
-        raise ExportError(
-            f"{name} fails to run on its declared input "
-            f"{[tuple(t.shape) for t in inputs]}: {type(exc).__name__}: {exc}"
-        ) from exc
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    if len(outputs) != len(spec.outputs):
-        spec = IOSpec(inputs=spec.inputs,
-                      outputs=tuple(TensorSpec(f"output{i}", tuple(o.shape))
-                                    for i, o in enumerate(outputs)),
-                      mean=spec.mean, std=spec.std, task=spec.task)
-    else:
-        spec = IOSpec(inputs=spec.inputs,
-                      outputs=tuple(TensorSpec(t.name, tuple(o.shape))
-                                    for t, o in zip(spec.outputs, outputs, strict=True)),
-                      mean=spec.mean, std=spec.std, task=spec.task)
+    try:  # runs the model once and names its outputs (a dict-returning one gets wrapped)
+        model, spec = describe_io(model.eval(), name, spec, None)
+    except ModelSourceError as exc:
+        raise ExportError(str(exc)) from exc
     return PreparedModel(model, spec, name, strategy, converted, layer_strategies)
 
 

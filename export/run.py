@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
 from export._common import ExportError, ExportFormat, ExportResult, fspath, root_cause
+from export.formats import FORMATS, with_sources
 from export.simplify import simplify_onnx
 from export.to_coreml import export_coreml
 from export.to_executorch import export_executorch
 from export.to_onnx import DEFAULT_OPSET, export_onnx
 from export.to_ort import export_ort
+from odconv_deploy.conversions import Conversions
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
-from odconv_deploy.reparameterize import convert_model, find_odconv_layers
-from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
 
-def _failure(fmt: ExportFormat, path: os.PathLike, exc: BaseException) -> ExportResult:
+def failed_result(fmt: ExportFormat, path: os.PathLike, exc: BaseException) -> ExportResult:
+    """The result of a format that could not be made: no artifact, the reason."""
     message = str(exc) if isinstance(exc, ODConvDeployError) else root_cause(exc)
     return ExportResult(format=fmt, path=fspath(path), input_names=[], output_names=[],
                         input_shapes={}, output_shapes={}, file_size_bytes=0, ok=False,
@@ -35,6 +37,36 @@ def _require_batch_one(batch_size: int, fmt: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one format's exporter gets: the traced model or the source artifact, options."""
+
+    model: nn.Module | None
+    source: ExportResult | None
+    path: os.PathLike
+    options: dict[str, object]
+
+
+def _make(fmt: ExportFormat, job: _Job) -> ExportResult:
+    o = job.options
+    common = dict(io_spec=o["io_spec"], input_shape=o["input_shape"], name=o["name"],
+                  overwrite=o["overwrite"], strategy=o["strategy"])
+    if fmt is ExportFormat.ONNX:
+        return export_onnx(job.model, job.path, opset=o["opset"],
+                           dynamic_batch=o["dynamic_batch"], batch_size=o["batch_size"],
+                           target=o["onnx_target"], **common)
+    if fmt is ExportFormat.ONNX_SIMPLIFIED:
+        return simplify_onnx(job.source, job.path, overwrite=o["overwrite"])
+    if fmt is ExportFormat.ORT:
+        return export_ort(job.source, job.path, overwrite=o["overwrite"])
+    if fmt is ExportFormat.COREML:
+        _require_batch_one(o["batch_size"], "CoreML")
+        return export_coreml(job.model, job.path, precision=o["coreml_precision"],
+                             flexible_batch=o["dynamic_batch"], **common)
+    _require_batch_one(o["batch_size"], "ExecuTorch")
+    return export_executorch(job.model, job.path, dynamic_batch=o["dynamic_batch"], **common)
+
+
 def export_formats(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -42,7 +74,7 @@ def export_formats(
     *,
     stem: str | None = None,
     strategy: str | None = None,
-    converted: nn.Module | None = None,
+    conversions: Conversions | None = None,
     io_spec: IOSpec | None = None,
     input_shape: tuple[int, ...] | None = None,
     opset: int = DEFAULT_OPSET,
@@ -55,69 +87,48 @@ def export_formats(
 ) -> list[ExportResult]:
     """Export ``model`` to every format in ``formats`` under ``out_dir``.
 
+    Formats are made in the order of :data:`export.formats.FORMATS`, each with the
+    formats it derives from (``ort`` from the simplified ONNX, itself from the ONNX export;
+    those are produced too if not requested). A format that fails yields a result with
+    ``ok=False`` and the reason; the others still run.
+
+    The train-form model is converted through ``conversions`` (the caller's, so a run
+    converts once per distinct per-layer plan; default: a new one with ``strategy``): each
+    traced format gets the conversion for its ``strategy="auto"`` target
+    (:meth:`export.formats.FormatInfo.auto_target`), all formats the same one for a named
+    strategy.
+
     With ``dynamic_batch=False`` the graphs have batch ``batch_size``; a size other than 1 is
     made for ONNX, simplified ONNX and ORT only (CoreML and ExecuTorch then fail with the
-    reason, as any failing format does).
-
-    ``ort`` is made from the simplified ONNX model (``onnx`` and ``onnx-sim`` are produced for
-    it if not requested). A format that fails yields a result with ``ok=False`` and the
-    reason; the others still run. A train-form model is converted once for every format (or
-    ``converted``, the caller's conversion of it with ``strategy``, is reused), except with
-    ``strategy="auto"``, where each exporter converts the train form for its own target.
-    ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"ort"``: the ONNX-family files
-    are for ONNX Runtime CPU on this machine).
+    reason). ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"ort"``: the ONNX-family
+    files are for ONNX Runtime CPU on this machine).
     """
     out = fspath(out_dir)
     name = stem or getattr(model, "zoo_name", None) or type(model).__name__
-    if strategy != AUTO_STRATEGY and find_odconv_layers(model):  # once, verified, for all
-        model = converted or convert_model(model, strategy=strategy or DEFAULT_STRATEGY).model
-        strategy = None
-    common = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite,
-                  strategy=strategy)
-    wanted = list(dict.fromkeys(formats))
-    results: list[ExportResult] = []
-    onnx_result = sim_result = None
-    if {ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT} & set(wanted):
-        progress("export onnx")
+    if conversions is None:
+        conversions = Conversions(model, strategy or DEFAULT_STRATEGY)
+    # The label stamped into artifacts: the conversions' strategy (a model already in deploy
+    # form has its own layers' forms, which prepare_model reads).
+    label = conversions.strategy if conversions.layer_count else strategy
+    options = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite,
+                   strategy=label, opset=opset, coreml_precision=coreml_precision,
+                   dynamic_batch=dynamic_batch, batch_size=batch_size, onnx_target=onnx_target)
+    made: dict[ExportFormat, ExportResult] = {}
+    for fmt in with_sources(list(dict.fromkeys(formats))):
+        info = FORMATS[fmt]
+        path = info.path(out, name)
+        progress(f"export {fmt.value}")
         try:
-            onnx_result = export_onnx(model, out / f"{name}.onnx", opset=opset,
-                                      dynamic_batch=dynamic_batch, batch_size=batch_size,
-                                      target=onnx_target, **common)
+            if info.derived_from:
+                source = next((made[f] for f in info.derived_from if made[f].ok), None)
+                if source is None:
+                    raise ExportError(f"the {info.derived_from[-1].value} export it is made "
+                                      "from failed")
+                job = _Job(None, source, path, options)
+            else:
+                deploy = conversions.get(info.auto_target(onnx_target), dynamic_batch).model
+                job = _Job(deploy, None, path, options)
+            made[fmt] = _make(fmt, job)
         except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
-            onnx_result = _failure(ExportFormat.ONNX, out / f"{name}.onnx", exc)
-        results.append(onnx_result)
-    if {ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT} & set(wanted):
-        progress("simplify onnx")
-        if onnx_result.ok:
-            sim_result = simplify_onnx(onnx_result, out / f"{name}.sim.onnx", overwrite=overwrite)
-        else:
-            sim_result = _failure(ExportFormat.ONNX_SIMPLIFIED, out / f"{name}.sim.onnx",
-                                  ExportError("the ONNX export it starts from failed"))
-        results.append(sim_result)
-    if ExportFormat.ORT in wanted:
-        progress("convert to ORT format")
-        source = sim_result if sim_result.ok else onnx_result
-        try:
-            if not source.ok:
-                raise ExportError("no ONNX model to convert (the ONNX export failed)")
-            results.append(export_ort(source, out / f"{name}.ort", overwrite=overwrite))
-        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
-            results.append(_failure(ExportFormat.ORT, out / f"{name}.ort", exc))
-    if ExportFormat.COREML in wanted:
-        progress("convert to CoreML")
-        try:
-            _require_batch_one(batch_size, "CoreML")
-            results.append(export_coreml(model, out / f"{name}.mlpackage",
-                                         precision=coreml_precision,
-                                         flexible_batch=dynamic_batch, **common))
-        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
-            results.append(_failure(ExportFormat.COREML, out / f"{name}.mlpackage", exc))
-    if ExportFormat.EXECUTORCH in wanted:
-        progress("lower to ExecuTorch (XNNPACK)")
-        try:
-            _require_batch_one(batch_size, "ExecuTorch")
-            results.append(export_executorch(model, out / f"{name}.pte",
-                                             dynamic_batch=dynamic_batch, **common))
-        except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
-            results.append(_failure(ExportFormat.EXECUTORCH, out / f"{name}.pte", exc))
-    return results
+            made[fmt] = failed_result(fmt, path, exc)
+    return list(made.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections import Counter
@@ -145,6 +146,9 @@ def export_executorch(
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         dims = tuple({0: batch} for _ in spec.inputs)
+        params = inspect.signature(prepared.model.forward).parameters.values()
+        if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(*inputs): one tuple
+            dims = (dims,)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,193 +1,370 @@
-"""Command-line interface: ``odconv-deploy {models,convert,run}``. A thin layer over the API."""
+"""Command-line interface: ``odconv-deploy {models,convert,export,validate,bench,run}``.
+
+A thin layer over the API. Every command checks its arguments and its output paths before
+any long work starts. Third-party chatter goes to a log file in the output folder (``-v``
+shows it instead); the terminal gets the tool's progress lines and a short summary.
+
+Exit codes: 0 success; 1 a check failed (an export, a validation or a benchmark cell); 2 a
+usage error (unknown flag, malformed value); 3 a user error caught before or during the work
+(unknown model, unreadable file, unwritable output, ...), with a message that says what was
+received and what to do; 4 an internal error (a bug: the traceback is printed, please report).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
+from odconv_deploy.console import Console
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS
 
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3, 4
+#: Name of the log file third-party output goes to, in the command's output folder.
+LOG_NAME = "odconv-deploy.log"
+#: Formats exported by default (the format table's order).
+DEFAULT_FORMATS = "onnx,onnx-sim,ort,coreml,pte"
 
-def _cmd_models(args: argparse.Namespace) -> int:
+
+# -- argument types: a malformed value is a usage error (exit 2) -----------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int_list(text: str) -> list[int]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8, got {text!r}")
+    return [_positive_int(t) for t in items]
+
+
+# -- shared pieces of the commands -----------------------------------------------------------
+def _load(args: argparse.Namespace, console: Console) -> object:
+    from odconv_deploy.model_source import load_model
+
+    console.progress(f"-> load {args.model} ...")
+    return load_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num,
+                      model_args=args.model_args, input_shape=args.input_shape,
+                      trust_pickle=args.trust_pickle)
+
+
+def _conversions(args: argparse.Namespace, loaded: object, console: Console) -> object:
+    """The run's conversions: ``--strategy``, else a deploy checkpoint's own, else the default."""
+    from odconv_deploy.conversions import Conversions
+
+    stored = loaded.conversion
+    strategy = args.strategy or (stored[0].strategy if stored else DEFAULT_STRATEGY)
+    return Conversions(loaded.model, strategy, stored=stored,
+                       progress=lambda s: console.progress(f"-> {s}"))
+
+
+@contextlib.contextmanager
+def _quiet(console: Console, folder: str | Path | None) -> Iterator[Path | None]:
+    """Third-party output into ``folder/odconv-deploy.log`` (a temporary log without one)."""
+    if console.verbose:
+        yield None
+        return
+    if folder is None:
+        handle, name = tempfile.mkstemp(prefix="odconv-deploy-", suffix=".log")
+        os.close(handle)
+        log = Path(name)
+    else:
+        log = Path(folder) / LOG_NAME
+    with console.capture(log) as path:
+        yield path
+
+
+def _check_artifacts_writable(formats: list[object], out: str | Path, stem: str,
+                              overwrite: bool) -> None:
+    from export.formats import FORMATS, with_sources
+    from odconv_deploy._atomic import check_writable
+
+    for fmt in with_sources(formats):
+        check_writable(FORMATS[fmt].path(Path(out), stem), overwrite=overwrite)
+
+
+def _print_exports(console: Console, results: list[object]) -> None:
+    for result in results:
+        console.info(result.summary())
+        for note in result.notes:
+            console.info(f"          note: {note}")
+
+
+# -- commands ----------------------------------------------------------------------------------
+def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     from odconv_deploy.complexity import measure_complexity
     from odconv_deploy.models import create_model, list_models, model_entry
 
-    print(f"{'model':<22}{'kernel_num':>11}{'params':>12}{'MACs@224':>12}  static twin")
+    console.info(f"{'model':<22}{'kernel_num':>11}{'params':>12}{'MACs@224':>12}  static twin")
     for name in list_models():
         entry = model_entry(name)
         kwargs = {"kernel_num": args.kernel_num} if entry.is_odconv else {}
         c = measure_complexity(create_model(name, **kwargs))
         k = str(args.kernel_num) if entry.is_odconv else "-"
-        print(f"{name:<22}{k:>11}{c.params / 1e6:>11.2f}M{c.macs / 1e9:>11.3f}G  "
-              f"{entry.static_twin if entry.is_odconv else '-'}")
-    return 0
+        console.info(f"{name:<22}{k:>11}{c.params / 1e6:>11.2f}M{c.macs / 1e9:>11.3f}G  "
+                     f"{entry.static_twin if entry.is_odconv else '-'}")
+    console.info("also: od_tinynet_digits (trained on sklearn digits), package.module:callable "
+                 "(--model-args), model files (--trust-pickle for pickled modules)")
+    return EXIT_OK
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    import torch
+def _cmd_convert(args: argparse.Namespace, console: Console) -> int:
+    from odconv_deploy._atomic import check_writable
+    from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
 
-    import odconv_deploy
-    from export._common import nchwc_block_of
-    from odconv_deploy._atomic import atomic_output
-    from odconv_deploy.model_source import load_zoo_model
-    from odconv_deploy.reparameterize import convert_model
-
-    loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num)
-    result = convert_model(loaded.model, strategy=args.strategy, target=args.target,
-                           dynamic_batch=not args.static_batch)
-    worst = max((layer.max_abs_error or 0.0) for layer in result.layers)
-    with atomic_output(args.out, overwrite=args.overwrite) as tmp:
-        torch.save({"state_dict": result.model.state_dict(), "model": args.model,
-                    "kernel_num": args.kernel_num, "strategy": args.strategy,
-                    "layer_strategies": result.layer_strategies,
-                    # Which deploy class each layer needs to load this state_dict.
-                    "layer_forms": {c.name: c.strategy for c in result.layers},
-                    # The layout of ort_nchwc layers' weights (None: no such layer).
-                    "nchwc_block": nchwc_block_of(result.model),
-                    "odconv_deploy_version": odconv_deploy.__version__}, tmp)
-    print(f"converted {len(result.layers)} ODConv layers of {args.model} ({loaded.weights}) "
-          f"to '{args.strategy}' {result.layer_strategies}, folded {result.folded_bn_count} "
-          f"BatchNorms; worst float64 layer error {worst:.2e}; wrote {args.out}")
-    return 0
+    out = Path(args.out)
+    check_writable(out, overwrite=args.overwrite)  # before any work
+    with _quiet(console, out.parent) as log:
+        loaded = _load(args, console)
+        conversions = Conversions(loaded.model, args.strategy or DEFAULT_STRATEGY,
+                                  progress=lambda s: console.progress(f"-> {s}"))
+        result = conversions.get(args.target, not args.static_batch)
+        save_deploy_checkpoint(out, loaded, result, target=args.target,
+                               dynamic_batch=not args.static_batch, overwrite=args.overwrite)
+    errors = [layer.max_abs_error for layer in result.layers if layer.max_abs_error is not None]
+    console.info(f"converted {len(result.layers)} ODConv layers of {loaded.name} "
+                 f"({loaded.weights}) to '{result.strategy}' {result.layer_strategies}, folded "
+                 f"{result.folded_bn_count} BatchNorms; worst float64 layer error "
+                 f"{max(errors, default=0.0):.2e}; wrote {out}")
+    console.info(f"use it with: odconv-deploy export --model {out} --out DIR"
+                 + (f" (log: {log})" if log else ""))
+    return EXIT_OK
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from export import export_formats, parse_formats
     from export._common import check_batch_size
-    from odconv_deploy.model_source import load_zoo_model
 
     check_batch_size(args.batch_size, not args.static_batch)  # before any work
     formats = parse_formats(args.formats)
-    loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num)
-    results = export_formats(
-        loaded.model, args.out, formats, stem=args.model, strategy=args.strategy,
-        opset=args.opset, coreml_precision=args.coreml_precision,
-        dynamic_batch=not args.static_batch, batch_size=args.batch_size,
-        onnx_target=args.onnx_target, overwrite=args.overwrite,
-        progress=lambda step: print(f"-> {step} ...", file=sys.stderr),
-    )
-    for result in results:
-        print(result.summary())
-        for note in result.notes:
-            print(f"          note: {note}")
-    return 0 if all(r.ok for r in results) else 1
+    with _quiet(console, args.out) as log:
+        loaded = _load(args, console)
+        _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
+        results = export_formats(
+            loaded.model, args.out, formats, stem=loaded.name,
+            conversions=_conversions(args, loaded, console), io_spec=loaded.io_spec,
+            opset=args.opset, coreml_precision=args.coreml_precision,
+            dynamic_batch=not args.static_batch, batch_size=args.batch_size,
+            onnx_target=args.onnx_target, overwrite=args.overwrite,
+            progress=lambda step: console.progress(f"-> {step} ..."))
+    _print_exports(console, results)
+    failed = [r.format.value for r in results if not r.ok]
+    verdict = f"export FAILED: {', '.join(failed)}" if failed else "export done"
+    console.info(verdict + (f" (log: {log})" if log else ""))
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    import tempfile
-
+def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from export import ExportFormat, artifact_result, export_formats, parse_formats
     from export._common import check_batch_size
-    from odconv_deploy.model_source import load_zoo_model
-    from odconv_deploy.reparameterize import convert_model
+    from odconv_deploy._atomic import atomic_output, check_writable
     from odconv_deploy.validation.artifacts import validate_artifacts
 
     check_batch_size(args.batch_size, not args.static_batch)  # before any work
-    kwargs = {} if args.model == "od_tinynet_digits" else {"kernel_num": args.kernel_num}
-    loaded = load_zoo_model(args.model, checkpoint=args.checkpoint, **kwargs)
+    formats = parse_formats(args.formats)
+    if args.json:
+        check_writable(Path(args.json), overwrite=True)
+    if args.images and not Path(args.images).is_dir():
+        raise ODConvDeployError(f"--images {args.images!r} is not a folder. Note: pass a folder "
+                                "of .png/.jpg images.")
     given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
                                       (ExportFormat.EXECUTORCH, args.pte),
                                       (ExportFormat.COREML, args.coreml)) if p]
-    deploy = convert_model(loaded.model, strategy=args.strategy, target="torch").model
-    with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp:
+    for _, path in given:
+        if not Path(path).exists():
+            raise ODConvDeployError(f"Artifact {path} does not exist.")
+    batches = args.batches or ([args.batch_size] if args.static_batch else [1, 3])
+    with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp, \
+            _quiet(console, args.out) as log:
+        loaded = _load(args, console)
+        conversions = _conversions(args, loaded, console)
         if given:
-            results = [artifact_result(fmt, path, loaded.io_spec, dynamic_batch=not
-                                       args.static_batch) for fmt, path in given]
+            results = [artifact_result(fmt, path, loaded.io_spec,
+                                       dynamic_batch=not args.static_batch)
+                       for fmt, path in given]
         else:
-            results = export_formats(loaded.model, args.out or tmp,
-                                     parse_formats(args.formats), stem=args.model,
-                                     strategy=args.strategy, converted=deploy,
-                                     io_spec=loaded.io_spec,
+            if args.out:
+                _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
+            results = export_formats(loaded.model, args.out or tmp, formats, stem=loaded.name,
+                                     conversions=conversions, io_spec=loaded.io_spec,
                                      dynamic_batch=not args.static_batch,
                                      batch_size=args.batch_size, onnx_target=args.onnx_target,
                                      overwrite=args.overwrite,
-                                     progress=lambda s: print(f"-> {s} ...", file=sys.stderr))
-            for r in results:
-                print(r.summary())
-        default = str(args.batch_size) if args.static_batch else "1,3"
-        batches = [int(b) for b in (args.batches or default).split(",")]
+                                     progress=lambda s: console.progress(f"-> {s} ..."))
+            _print_exports(console, results)
+        deploy = conversions.get("torch").model
         report = validate_artifacts(loaded.model, results, io_spec=loaded.io_spec,
                                     deploy_model=deploy, batches=batches, seed=args.seed,
-                                    image_folder=args.images)
-    print(report.to_markdown())
+                                    image_folder=args.images,
+                                    progress=lambda s: console.progress(f"-> {s} ..."))
+    console.info(report.to_markdown())
     if args.json:
-        from odconv_deploy._atomic import atomic_output
-
         with atomic_output(args.json, overwrite=True) as path:
             path.write_text(report.to_json())
     failed_exports = [r for r in results if not r.ok]
-    print("validation", "PASSED" if report.passed and not failed_exports else "FAILED")
-    return 0 if report.passed and not failed_exports else 1
+    ok = report.passed and not failed_exports
+    console.info(f"validation {'PASSED' if ok else 'FAILED'}" + (f" (log: {log})" if log else ""))
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from runtime_bench.bench import BenchConfig, run_benchmark
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from odconv_deploy._atomic import OutputPathError
+    from runtime_bench.backends import parse_backends
+    from runtime_bench.bench import BenchConfig, benchmark
     from runtime_bench.measure import MeasureSettings
-    from runtime_bench.report import to_markdown, write_report
+    from runtime_bench.report import check_report_writable, to_markdown, write_report
 
+    parse_backends(args.backends)  # before any work
+    check_report_writable(args.out, overwrite=args.overwrite)
+    artifacts = Path(args.out) / "artifacts"
+    if artifacts.is_dir() and any(artifacts.iterdir()) and not args.overwrite:
+        raise OutputPathError(f"{artifacts} already holds artifacts. Note: pass --overwrite to "
+                              "replace them, or choose another --out.")
+    if args.resolution and args.input_shape:
+        raise ODConvDeployError("Give --input-shape or --resolution, not both.")
     settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations,
                                budget_s=args.budget, fresh_process=args.fresh_process)
-    config = BenchConfig(
-        model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
-        backends=args.backends, batches=[int(b) for b in args.batch.split(",")],
-        threads=[int(t) for t in args.threads.split(",")], strategy=args.strategy,
-        dynamic_batch=not args.static_batch, resolution=args.resolution, settings=settings,
-        out=args.out, overwrite=args.overwrite)
-    report = run_benchmark(config, progress=lambda s: print(s, file=sys.stderr))
-    files = write_report(report, args.out, overwrite=args.overwrite)
-    print(to_markdown(report))
-    print("wrote " + ", ".join(str(f) for f in files))
-    return 0 if all(r.status != "failed" for r in report.rows) else 1
+    with _quiet(console, args.out) as log:
+        if args.resolution:
+            args.input_shape = _square_input(args, console, args.resolution)
+        loaded = _load(args, console)
+        conversions = _conversions(args, loaded, console)
+        config = BenchConfig(
+            backends=args.backends, batches=args.batch, threads=args.threads,
+            strategy=conversions.strategy, dynamic_batch=not args.static_batch,
+            settings=settings, out=args.out, overwrite=args.overwrite)
+        report = benchmark(loaded, config, conversions=conversions,
+                           progress=lambda s: console.progress(f"-> {s}"))
+        files = write_report(report, args.out, overwrite=args.overwrite)
+    console.info(to_markdown(report))
+    console.info("wrote " + ", ".join(str(f) for f in files) + (f" (log: {log})" if log else ""))
+    return EXIT_OK if all(r.status != "failed" for r in report.rows) else EXIT_CHECK_FAILED
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _square_input(args: argparse.Namespace, console: Console, size: int) -> str:
+    """``--resolution N``: the model's own input at N x N."""
+    from odconv_deploy.model_source import load_model
+
+    spec = load_model(args.model, checkpoint=args.checkpoint, kernel_num=args.kernel_num,
+                      model_args=args.model_args, trust_pickle=args.trust_pickle).io_spec
+    if len(spec.inputs) != 1 or len(spec.inputs[0].shape) != 4:
+        raise ODConvDeployError("--resolution needs a model with one image input. Note: "
+                                "use --input-shape.")
+    return ",".join(map(str, (1, spec.inputs[0].shape[1], size, size)))
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from export import parse_formats
+    from odconv_deploy._atomic import check_writable
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
+    from runtime_bench.backends import parse_backends
 
+    formats = parse_formats(args.formats)  # before any work
+    parse_backends(args.backends)
+    check_writable(Path(args.out) / "report.json", overwrite=args.overwrite)
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
-        strategy=args.strategy, out=args.out, overwrite=args.overwrite, quick=args.quick,
-        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        model_args=args.model_args, input_shape=args.input_shape,
+        trust_pickle=args.trust_pickle, strategy=args.strategy, out=args.out,
+        overwrite=args.overwrite, quick=args.quick,
+        formats=tuple(f.value for f in formats),
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-        threads=args.threads,
-    )
-    report = run_pipeline(options, progress=print)
-    print(report.summary())
-    return 0 if report.ok else 1
+        threads=args.threads)
+    with _quiet(console, args.out) as log:
+        report = run_pipeline(options, progress=console.progress)
+    console.info(report.summary() + (f"\nlog: {log}" if log else ""))
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
+# -- the parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults are shown in ``--help``)."""
+    from export.formats import FORMAT_NAMES
+    from runtime_bench.backends import BACKENDS
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="odconv-deploy", formatter_class=fmt,
         description="Deploy ODConv networks: exact conversion, export, validation, benchmarks.",
-    )
+        epilog="exit codes: 0 ok, 1 a check failed, 2 usage error, 3 user error (bad model, "
+               "file or output path), 4 internal error")
     sub = parser.add_subparsers(dest="command", required=True)
+    formats_help = f"comma-separated: {', '.join(FORMAT_NAMES)}"
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show third-party output instead of logging it")
 
     p = sub.add_parser("models", help="list the model zoo with params and MACs",
                        formatter_class=fmt)
-    p.add_argument("--kernel-num", type=int, default=1, help="kernel_num of the ODConv models")
+    p.add_argument("--kernel-num", type=_positive_int, default=1,
+                   help="kernel_num of the ODConv models")
+    common(p)
     p.set_defaults(func=_cmd_models)
 
-    def model_args(p: argparse.ArgumentParser, default_model: str | None, default_k: int) -> None:
+    def model_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
         p.add_argument("--model", default=default_model, required=default_model is None,
-                       help="zoo model name (see 'odconv-deploy models')")
-        p.add_argument("--kernel-num", type=int, default=default_k, help="ODConv kernel_num")
+                       help="zoo name ('odconv-deploy models'), package.module:callable, or a "
+                       "model file (torch.save'd module, checkpoint with 'model'/'ema', or "
+                       "'odconv-deploy convert' output)")
+        p.add_argument("--model-args", default=None,
+                       help="arguments of the zoo builder or the callable: key=value,...")
+        p.add_argument("--kernel-num", type=_positive_int, default=None,
+                       help="ODConv kernel_num of a zoo model (default 4)")
         p.add_argument("--checkpoint", default=None,
-                       help="checkpoint to load (default: deterministic synthetic weights)")
-        p.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                       help="state_dict to load (default: deterministic synthetic weights for "
+                       "zoo models)")
+        p.add_argument("--input-shape", nargs="+", default=None, metavar="SHAPE",
+                       help="input shape, batch first (1,3,640,640); several inputs as "
+                       "name:1,3,H,W name2:...; default: the model's own")
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading a pickled nn.Module from --model (runs code from "
+                       "the file)")
+        p.add_argument("--strategy", default=None,
                        choices=sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY],
-                       help="deploy-form strategy; 'auto' chooses per layer for each format")
+                       help=f"deploy-form strategy (default: {DEFAULT_STRATEGY}, or a deploy "
+                       "checkpoint's own); 'auto' chooses per layer for each format")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        common(p)
 
     def exported_set_args(p: argparse.ArgumentParser) -> None:
         """Batch axis and ONNX target of the artifacts a command exports."""
         p.add_argument("--static-batch", action="store_true",
                        help="fix the batch (to --batch-size) instead of a dynamic batch axis")
-        p.add_argument("--batch-size", type=int, default=1,
+        p.add_argument("--batch-size", type=_positive_int, default=1,
                        help="with --static-batch: the fixed batch (other than 1: onnx, onnx-sim "
                        "and ort only)")
         p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
@@ -198,21 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a model to its deploy form and save it",
                        formatter_class=fmt)
-    model_args(p, None, 4)
-    p.add_argument("--out", required=True, help="output .pt file")
+    model_args(p, None)
+    p.add_argument("--out", required=True, help="output .pt file (a deploy checkpoint)")
     p.add_argument("--target", default="onnx", choices=AUTO_TARGETS,
                    help="export target that --strategy auto chooses for")
     p.add_argument("--static-batch", action="store_true",
-                   help="with --strategy auto: the target will run batch 1 only")
+                   help="with --strategy auto: the target will run a fixed batch")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a model to ONNX, CoreML, ORT and ExecuTorch",
                        formatter_class=fmt)
-    model_args(p, None, 4)
-    p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte",
-                   help="comma-separated: onnx, onnx-sim, ort, coreml, pte")
+    model_args(p, None)
+    p.add_argument("--formats", default=DEFAULT_FORMATS, help=formats_help)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset")
     p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
                    help="CoreML compute precision")
     exported_set_args(p)
@@ -220,18 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check exported artifacts against PyTorch on every "
                        "runtime that can run them", formatter_class=fmt)
-    model_args(p, None, 4)
+    model_args(p, None)
     p.add_argument("--onnx", help="validate this ONNX model (instead of exporting)")
     p.add_argument("--ort", help="validate this .ort model")
     p.add_argument("--pte", help="validate this ExecuTorch program")
     p.add_argument("--coreml", help="validate this .mlpackage")
-    p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte",
-                   help="formats to export and validate when no artifact is given")
+    p.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help="formats to export and validate when no artifact is given "
+                   f"({formats_help})")
     p.add_argument("--out", default=None, help="keep exported artifacts here (default: temp)")
-    p.add_argument("--batches", default=None,
+    p.add_argument("--batches", type=_positive_int_list, default=None,
                    help="batch sizes to compare (default: 1,3; with --static-batch the fixed "
                    "batch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random inputs")
     p.add_argument("--images", default=None, help="folder of images to use as inputs")
     exported_set_args(p)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -239,15 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of a model beside its static twin",
                        formatter_class=fmt)
-    model_args(p, None, 4)
+    model_args(p, None)
     p.add_argument("--backends", default="ort,pte,torch",
-                   help="comma-separated: torch, ort, ort-format, pte, coreml")
-    p.add_argument("--batch", default="1", help="batch sizes, comma-separated")
-    p.add_argument("--threads", default="1", help="thread counts, comma-separated")
-    p.add_argument("--resolution", type=int, default=None, help="input size (default: model's)")
-    p.add_argument("--warmup", type=int, default=5, help="warm-up runs per measurement")
-    p.add_argument("--iterations", type=int, default=30, help="timed runs per measurement")
-    p.add_argument("--budget", type=float, default=None,
+                   help=f"comma-separated: {', '.join(BACKENDS)}")
+    p.add_argument("--batch", type=_positive_int_list, default=[1],
+                   help="batch sizes, comma-separated")
+    p.add_argument("--threads", type=_positive_int_list, default=[1],
+                   help="thread counts, comma-separated")
+    p.add_argument("--resolution", type=_positive_int, default=None,
+                   help="square input size of a one-image model (default: the model's; "
+                   "see also --input-shape)")
+    p.add_argument("--warmup", type=_non_negative_int, default=5,
+                   help="warm-up runs per measurement")
+    p.add_argument("--iterations", type=_positive_int, default=30,
+                   help="timed runs per measurement")
+    p.add_argument("--budget", type=_positive_float, default=None,
                    help="time budget per measurement in seconds (overrides --iterations)")
     p.add_argument("--out", default="bench_out", help="output folder")
     p.add_argument("--static-batch", action="store_true",
@@ -259,24 +442,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",
                        formatter_class=fmt)
-    model_args(p, "od_resnet18", 4)
+    model_args(p, "od_resnet18")
     p.add_argument("--out", default="odconv_out", help="report directory")
-    p.add_argument("--formats", default="onnx,onnx-sim,ort,coreml,pte", help="formats to export")
-    p.add_argument("--backends", default="ort,pte,torch", help="runtimes to benchmark")
-    p.add_argument("--threads", type=int, default=1, help="threads for the benchmark")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller inputs")
+    p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"formats to export ({formats_help})")
+    p.add_argument("--backends", default="ort,pte,torch",
+                   help=f"runtimes to benchmark ({', '.join(BACKENDS)})")
+    p.add_argument("--threads", type=_positive_int, default=1, help="threads for the benchmark")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.set_defaults(func=_cmd_run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``odconv-deploy``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``odconv-deploy``; returns the exit code (see the module docstring)."""
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2); argparse said why
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    console = Console(verbose=args.verbose)
+    command: Callable[[argparse.Namespace, Console], int] = args.func
+    try:
+        return command(args, console)
     except ODConvDeployError as exc:
-        print(f"odconv-deploy: error: {exc}", file=sys.stderr)
-        return 2
+        console.error(f"odconv-deploy: error: {exc}")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        console.error("odconv-deploy: interrupted")
+        return 130
+    except Exception:  # noqa: BLE001 - a bug: say so, with the traceback to report
+        console.error("odconv-deploy: internal error (a bug; please report it with this "
+                      "output):\n" + traceback.format_exc())
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

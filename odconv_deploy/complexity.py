@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +48,12 @@ def _odconv_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
     return _conv_macs(out, c_in, k, groups) + attention + aggregation
 
 
-def measure_complexity(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
-                       ) -> Complexity:
-    """Count parameters and MACs of ``model`` for one input of ``input_shape``."""
+def measure_complexity(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224), *,
+                       inputs: Sequence[torch.Tensor] | None = None) -> Complexity:
+    """Count parameters and MACs of ``model`` for one input of ``input_shape``.
+
+    Networks with several inputs pass ``inputs`` (example tensors) instead.
+    """
     total = [0]
     hooks = []
     odconv_ids = {id(m) for m in model.modules()
@@ -74,7 +78,7 @@ def measure_complexity(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 2
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(input_shape))
+            model(*(inputs if inputs is not None else (torch.zeros(input_shape),)))
         model.train(was_training)
     finally:
         for h in hooks:

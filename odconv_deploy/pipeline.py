@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import odconv_deploy
 from odconv_deploy._atomic import atomic_output, check_writable
+from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
-from odconv_deploy.model_source import DIGITS_MODEL, load_zoo_model
-from odconv_deploy.reparameterize import convert_model
+from odconv_deploy.model_source import DIGITS_MODEL, LoadedModel, load_model
 
 #: float32 whole-model tolerance of train form vs deploy form (relative to max |logit|).
 FP32_MODEL_RTOL = 1e-4
@@ -31,12 +32,21 @@ StepOutcome = tuple[str, str, dict[str, object]]
 
 @dataclass
 class PipelineOptions:
-    """What ``run_pipeline`` does; the CLI maps its flags one to one."""
+    """What ``run_pipeline`` does; the CLI maps its flags one to one.
 
-    model: str = "od_resnet18"
-    kernel_num: int = 4
+    ``model`` is any model source (:func:`odconv_deploy.model_source.load_model`): a zoo name,
+    ``package.module:callable``, a model file or an ``nn.Module``; ``kernel_num`` applies to
+    ODConv zoo models (default 4), ``model_args`` to zoo builders and callables,
+    ``input_shape`` to networks without a declared input (``"1,3,640,640"``).
+    """
+
+    model: str | nn.Module = "od_resnet18"
+    kernel_num: int | None = None
     checkpoint: str | None = None
-    strategy: str = DEFAULT_STRATEGY
+    model_args: str | None = None
+    input_shape: str | list[str] | tuple[int, ...] | None = None
+    trust_pickle: bool = False
+    strategy: str | None = None  # default: a deploy checkpoint's own, else DEFAULT_STRATEGY
     formats: tuple[str, ...] = ("onnx", "onnx-sim", "ort", "coreml", "pte")
     backends: tuple[str, ...] = ("ort", "pte", "torch")
     threads: int = 1
@@ -65,6 +75,9 @@ class PipelineReport:
     steps: list[StepResult] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     sections: dict[str, str] = field(default_factory=dict)  # Markdown per step
+    #: The model as the report names it (source and kernel_num), once loaded.
+    title_model: str = ""
+    strategy: str = DEFAULT_STRATEGY
 
     @property
     def ok(self) -> bool:
@@ -79,7 +92,8 @@ class PipelineReport:
 
     def to_json(self) -> str:
         """The report as JSON."""
-        return json.dumps({"options": asdict(self.options), "environment": self.environment,
+        options = {**vars(self.options), "model": self.title_model}
+        return json.dumps({"options": options, "environment": self.environment,
                            "ok": self.ok, "steps": [asdict(s) for s in self.steps]},
                           indent=2, default=str)
 
@@ -87,10 +101,9 @@ class PipelineReport:
         """The report as Markdown: steps, then one section per step, then the environment."""
         o = self.options
         total = sum(s.seconds for s in self.steps)
-        lines = [f"# odconv-deploy report: {o.model}"
-                 + ("" if o.model == DIGITS_MODEL else f" (kernel_num={o.kernel_num})"), "",
+        lines = [f"# odconv-deploy report: {self.title_model}", "",
                  f"Verdict: **{'OK' if self.ok else 'FAILED'}** ({total:.0f} s). "
-                 f"Strategy `{o.strategy}`; formats {', '.join(o.formats)}; benchmark "
+                 f"Strategy `{self.strategy}`; formats {', '.join(o.formats)}; benchmark "
                  f"backends {', '.join(o.backends)}.", "",
                  "| step | status | seconds | detail |", "|---|---|---|---|"]
         lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |"
@@ -117,8 +130,10 @@ class _Pipeline:
         self.o = options
         self.out = Path(options.out)
         self.progress = progress
-        self.report = PipelineReport(options, environment=environment())
-        self.loaded = None
+        self.report = PipelineReport(options, environment=environment(),
+                                     title_model=str(options.model))
+        self.loaded: LoadedModel | None = None
+        self.conversions: Conversions | None = None
         self.deploy = None
         self.exports: list = []
 
@@ -149,31 +164,46 @@ class _Pipeline:
 
     # -- steps -----------------------------------------------------------------------------
     def load(self) -> StepOutcome:
-        kwargs = {} if self.o.model == DIGITS_MODEL else {"kernel_num": self.o.kernel_num}
-        self.loaded = load_zoo_model(self.o.model, checkpoint=self.o.checkpoint,
-                                     seed=self.o.seed, **kwargs)
-        return "ok", f"{self.o.model}, weights: {self.loaded.weights}", {}
+        o = self.o
+        self.loaded = load_model(o.model, checkpoint=o.checkpoint, kernel_num=o.kernel_num,
+                                 model_args=o.model_args, input_shape=o.input_shape,
+                                 trust_pickle=o.trust_pickle, seed=o.seed)
+        stored = self.loaded.conversion
+        strategy = o.strategy or (stored[0].strategy if stored else DEFAULT_STRATEGY)
+        self.conversions = Conversions(self.loaded.model, strategy, stored=stored,
+                                       progress=lambda s: self.progress(f"    {s}"))
+        k = self.loaded.kwargs.get("kernel_num")
+        self.report.title_model = self.loaded.name + (f" (kernel_num={k})" if k else "")
+        self.report.strategy = strategy
+        shapes = ", ".join(f"{t.name}{list(t.shape)}" for t in self.loaded.io_spec.inputs)
+        outputs = ", ".join(f"{t.name}{list(t.shape)}" for t in self.loaded.io_spec.outputs)
+        return "ok", (f"{self.loaded.name} ({self.loaded.source}), weights: "
+                      f"{self.loaded.weights}; inputs {shapes}; outputs {outputs}"), {}
 
     def convert(self) -> StepOutcome:
-        result = convert_model(self.loaded.model, strategy=self.o.strategy, target="torch")
+        result = self.conversions.get("torch")
         self.deploy = result.model
-        worst = max(layer.max_abs_error for layer in result.layers)
+        errors = [layer.max_abs_error for layer in result.layers
+                  if layer.max_abs_error is not None]
+        worst = max(errors, default=0.0)
         data: dict[str, object] = {"layers": len(result.layers),
                                    "folded_batchnorms": result.folded_bn_count,
                                    "worst_layer_error_fp64": worst}
         spec = self.loaded.io_spec
         for batch in (1, 3):
-            (x,) = spec.sample_inputs(batch, seed=batch)
+            inputs = spec.sample_inputs(batch, seed=batch)
             with torch.no_grad():
-                ref, got = self.loaded.model(x), self.deploy(x)
-            err = (ref - got).abs().max().item()
+                ref, got = (_as_tuple(m(*inputs)) for m in (self.loaded.model, self.deploy))
+            err = max((r - g).abs().max().item() for r, g in zip(ref, got, strict=True))
+            scale = max(r.abs().max().item() for r in ref)
             data[f"model_max_abs_error_fp32_batch{batch}"] = err
-            if not err <= FP32_MODEL_RTOL * max(1.0, ref.abs().max().item()):
+            if not err <= FP32_MODEL_RTOL * max(1.0, scale):
                 return "failed", f"deploy form differs at batch {batch}: {err:.2e}", data
-        with atomic_output(self.out / f"{self.o.model}_deploy.pt", overwrite=True) as tmp:
-            torch.save({"state_dict": self.deploy.state_dict(), "model": self.o.model,
-                        "strategy": self.o.strategy}, tmp)
-        return "ok", (f"{len(result.layers)} ODConv layers -> '{self.o.strategy}', "
+        save_deploy_checkpoint(self.out / f"{self.loaded.name}_deploy.pt", self.loaded, result,
+                               target="torch", dynamic_batch=True, overwrite=True)
+        if not result.layers:
+            return "ok", "0 ODConv layers converted (the network has none); exported as is", data
+        return "ok", (f"{len(result.layers)} ODConv layers -> {result.layer_strategies}, "
                       f"{result.folded_bn_count} BatchNorms folded; worst layer error (float64) "
                       f"{worst:.1e}; whole model (float32, batch 3) "
                       f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
@@ -183,7 +213,7 @@ class _Pipeline:
 
         self.exports = export_formats(
             self.loaded.model, self.out / "artifacts", parse_formats(",".join(self.o.formats)),
-            stem=self.o.model, strategy=self.o.strategy, converted=self.deploy,
+            stem=self.loaded.name, conversions=self.conversions,
             io_spec=self.loaded.io_spec, overwrite=self.o.overwrite,
             progress=lambda s: self.progress(f"    {s}"))
         rows = ["| format | file | MB | detail |", "|---|---|---|---|"]
@@ -217,10 +247,11 @@ class _Pipeline:
         spec = self.loaded.io_spec
         reference = TorchRunner(self.loaded.model, spec, name="torch (train form)")
         candidates = candidates_for(self.exports, deploy_model=self.deploy, io_spec=spec)
-        report = validate(reference, candidates, spec, batches=(1, 3), seed=self.o.seed)
+        report = validate(reference, candidates, spec, batches=(1, 3), seed=self.o.seed,
+                          progress=lambda s: self.progress(f"    {s}"))
         section = report.to_markdown()
         data: dict[str, object] = {"validation": report.to_dict()}
-        if self.o.model == DIGITS_MODEL:
+        if self.loaded.zoo_name == DIGITS_MODEL:
             from odconv_deploy.digits import load_digits_splits
 
             _, test = load_digits_splits()
@@ -247,18 +278,18 @@ class _Pipeline:
         return "ok", detail, data
 
     def bench(self) -> StepOutcome:
-        from runtime_bench.bench import BenchConfig, run_benchmark
+        from runtime_bench.bench import BenchConfig, benchmark
         from runtime_bench.measure import MeasureSettings
         from runtime_bench.report import to_markdown, write_report
 
         settings = (MeasureSettings(warmup=2, iterations=5) if self.o.quick
                     else MeasureSettings(warmup=3, iterations=15))
-        config = BenchConfig(model=self.o.model, kernel_num=self.o.kernel_num,
-                             checkpoint=self.o.checkpoint, backends=",".join(self.o.backends),
-                             batches=(1,), threads=(self.o.threads,), strategy=self.o.strategy,
+        config = BenchConfig(backends=",".join(self.o.backends), batches=(1,),
+                             threads=(self.o.threads,), strategy=self.conversions.strategy,
                              settings=settings, out=str(self.out / "bench"),
-                             overwrite=self.o.overwrite, reuse_artifacts=self.exports)
-        report = run_benchmark(config, progress=lambda s: self.progress(f"    {s}"))
+                             overwrite=self.o.overwrite)
+        report = benchmark(self.loaded, config, conversions=self.conversions,
+                           reuse=self.exports, progress=lambda s: self.progress(f"    {s}"))
         write_report(report, self.out / "bench", overwrite=True)
         self.report.sections["Latency"] = (to_markdown(report) + "\n![latency](bench/latency.png)"
                                            "\n![ratio](bench/ratio.png)\n")
@@ -269,6 +300,10 @@ class _Pipeline:
         if failed:
             return "failed", f"failed on {', '.join(sorted(set(failed)))}", data
         return "ok", "ratio to static twin: " + (", ".join(ratios) or "-"), data
+
+
+def _as_tuple(value: object) -> tuple[torch.Tensor, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def run_pipeline(options: PipelineOptions, *,

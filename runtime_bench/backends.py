@@ -8,15 +8,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from export import ExportFormat, ExportResult
+from export.formats import FORMATS, FormatInfo
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec
-from odconv_deploy.runners import (
-    CoreMLRunner,
-    ExecuTorchRunner,
-    OnnxRuntimeRunner,
-    Runner,
-    TorchRunner,
-)
+from odconv_deploy.runners import Runner, TorchRunner
 
 
 class UnknownBackendError(ODConvDeployError, ValueError):
@@ -38,34 +33,16 @@ def _torch(model: nn.Module, spec: IOSpec, artifact: ExportResult | None, thread
     return TorchRunner(model, spec, threads=threads, name="torch")
 
 
-#: ONNX Runtime's idle pool threads spin by default; with several threads the benchmark turns
-#: that off, for both models alike: in interleaved A/B rounds the idle session's spinning
-#: threads otherwise steal the running one's cores (on this 2-core machine the ratio of
-#: od_resnet18 k=1 read 1.18 with an IQR of 0.81-1.62 spinning, 1.25 (1.23-1.26) not).
-def _ort(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int) -> Runner:
-    return OnnxRuntimeRunner(artifact.path, threads=threads, spin=threads <= 1, name="ort")
+def _artifact_backend(info: FormatInfo) -> Backend:
+    def make(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int) -> Runner:
+        return info.bench_runner(artifact, threads)
+    return Backend(info.bench_backend, info.format, info.description, make)
 
 
-def _ort_format(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int
-                ) -> Runner:
-    return OnnxRuntimeRunner(artifact.path, threads=threads, spin=threads <= 1,
-                             name="ort-format")
-
-
-def _pte(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int) -> Runner:
-    return ExecuTorchRunner.from_export(artifact, threads=threads, name="pte")
-
-
-def _coreml(model: nn.Module, spec: IOSpec, artifact: ExportResult, threads: int) -> Runner:
-    return CoreMLRunner(artifact.path, name="coreml")
-
-
+#: PyTorch eager, then one backend per format that the format table benchmarks.
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", None, "PyTorch eager (deploy form)", _torch),
-    Backend("ort", ExportFormat.ONNX_SIMPLIFIED, "ONNX Runtime CPU on the simplified ONNX", _ort),
-    Backend("ort-format", ExportFormat.ORT, "ONNX Runtime on the .ort (Mobile) model", _ort_format),
-    Backend("pte", ExportFormat.EXECUTORCH, "ExecuTorch with XNNPACK", _pte),
-    Backend("coreml", ExportFormat.COREML, "Core ML predict (macOS only)", _coreml),
+    *(_artifact_backend(info) for info in FORMATS.values() if info.bench_backend),
 )}
 
 

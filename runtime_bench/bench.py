@@ -11,9 +11,9 @@ from torch import nn
 
 from export import ExportFormat, ExportResult, export_formats
 from odconv_deploy.complexity import measure_complexity
+from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
-from odconv_deploy.model_source import LoadedModel, load_zoo_model, static_twin_of
-from odconv_deploy.reparameterize import convert_model, find_odconv_layers
+from odconv_deploy.model_source import LoadedModel, static_twin_of
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
 from runtime_bench.backends import Backend, parse_backends
 from runtime_bench.measure import MeasureSettings, interleaved, measure
@@ -23,11 +23,8 @@ from runtime_bench.stats import paired_ratio
 
 @dataclass
 class BenchConfig:
-    """What to measure. ``backends`` is a comma-separated list (see ``BACKENDS``)."""
+    """How to measure. ``backends`` is a comma-separated list (see ``BACKENDS``)."""
 
-    model: str = "od_resnet18"
-    kernel_num: int = 4
-    checkpoint: str | None = None
     backends: str = "ort,pte"
     batches: Sequence[int] = (1,)
     threads: Sequence[int] = (1,)
@@ -35,13 +32,28 @@ class BenchConfig:
     #: Export artifacts with a symbolic batch; False bakes in the first of ``batches`` (other
     #: batch sizes are skipped; a size other than 1 is made for ONNX and ORT only).
     dynamic_batch: bool = True
-    resolution: int | None = None  # default: the model's own input size
     settings: MeasureSettings = field(default_factory=MeasureSettings)
     out: str = "bench_out"
     overwrite: bool = False
-    #: Artifacts of the ODConv model already exported (e.g. by the pipeline) to reuse; the
-    #: formats missing here are exported.
-    reuse_artifacts: Sequence[ExportResult] = ()
+
+
+@dataclass
+class BenchSubject:
+    """One model to measure: the eager module the ``torch`` backend runs and its artifacts.
+
+    Attributes:
+        name: Model name in the rows.
+        role: ``odconv`` or ``static`` (the twin the ratio is taken against).
+        model: The deploy-form module (PyTorch eager backend).
+        artifacts: Exported artifacts by format (a failed export carries its reason).
+        strategy: The strategy label of its rows (None for the static twin).
+    """
+
+    name: str
+    role: str
+    model: nn.Module
+    artifacts: dict[ExportFormat, ExportResult]
+    strategy: str | None = None
 
 
 @dataclass
@@ -87,27 +99,39 @@ class BenchReport:
                 "rows": [asdict(r) for r in self.rows], "artifacts": self.artifacts}
 
 
-def _prepare(loaded: LoadedModel, config: BenchConfig, spec: IOSpec, formats: set[ExportFormat],
-             out: Path, progress: Callable[[str], None], reuse: Sequence[ExportResult] = ()
-             ) -> tuple[nn.Module, dict[ExportFormat, ExportResult]]:
-    model, strategy = loaded.model, config.strategy
-    if find_odconv_layers(model):  # the eager model the torch backend runs
-        model = convert_model(model, strategy=strategy, target="torch").model
-    have = {r.format: r for r in reuse if r.ok and r.format in formats}
-    missing = formats - set(have)
-    if ExportFormat.ORT in missing:
-        missing.add(ExportFormat.ONNX_SIMPLIFIED)
-    if not missing:
-        return model, have
-    batch_size = 1 if config.dynamic_batch else config.batches[0]
-    batch = "" if config.dynamic_batch else f"_b{batch_size}"
-    results = export_formats(loaded.model, out, sorted(missing, key=lambda f: f.value),
-                             stem=f"{loaded.name}_{strategy}{batch}", io_spec=spec,
-                             strategy=strategy, converted=model,
-                             dynamic_batch=config.dynamic_batch, batch_size=batch_size,
-                             onnx_target="ort",  # only ONNX Runtime on this machine runs them
-                             overwrite=config.overwrite, progress=progress)
-    return model, {**{r.format: r for r in results}, **have}
+def prepare_subjects(loaded: LoadedModel, config: BenchConfig, *,
+                     conversions: Conversions | None = None,
+                     reuse: Sequence[ExportResult] = (),
+                     progress: Callable[[str], None] = lambda _: None) -> list[BenchSubject]:
+    """The ODConv model and its static twin, with the artifacts the backends need.
+
+    The ODConv model's conversions come from ``conversions`` (the run's, default a new one
+    with ``config.strategy``); artifacts in ``reuse`` (already exported, e.g. by the pipeline)
+    are taken as they are and only missing formats are exported, under ``config.out``.
+    """
+    backends = parse_backends(config.backends)
+    formats = {b.artifact for b in backends if b.artifact is not None}
+    twin = static_twin_of(loaded)
+    subjects = []
+    for role, item in (("odconv", loaded), ("static", twin)):
+        convs = (conversions if role == "odconv" and conversions is not None
+                 else Conversions(item.model, config.strategy))
+        have = {r.format: r for r in reuse if r.ok and r.format in formats} \
+            if role == "odconv" else {}
+        missing = sorted(formats - set(have), key=lambda f: f.value)
+        progress(f"prepare {item.name} ({', '.join(f.value for f in missing) or 'torch'})")
+        batch_size = 1 if config.dynamic_batch else config.batches[0]
+        suffix = "" if config.dynamic_batch else f"_b{batch_size}"
+        made = export_formats(item.model, Path(config.out) / "artifacts", missing,
+                              stem=f"{item.name}_{config.strategy}{suffix}",
+                              io_spec=item.io_spec, conversions=convs,
+                              dynamic_batch=config.dynamic_batch, batch_size=batch_size,
+                              onnx_target="ort",  # only ONNX Runtime on this machine runs them
+                              overwrite=config.overwrite, progress=progress) if missing else []
+        subjects.append(BenchSubject(item.name, role, convs.get("torch").model,
+                                     {**{r.format: r for r in made}, **have},
+                                     config.strategy if role == "odconv" else None))
+    return subjects
 
 
 def _fill_figures(row: BenchRow, macs: int, weight_bytes: int, probe: MachineProbe) -> None:
@@ -121,36 +145,35 @@ def _fill_figures(row: BenchRow, macs: int, weight_bytes: int, probe: MachinePro
     row.throughput_ips = row.batch / median_s
 
 
-def run_benchmark(config: BenchConfig, *, progress: Callable[[str], None] = lambda _: None
-                  ) -> BenchReport:
-    """Measure the ODConv model and its static twin on every backend, batch and thread count.
+def benchmark(loaded: LoadedModel, config: BenchConfig, *,
+              conversions: Conversions | None = None, reuse: Sequence[ExportResult] = (),
+              progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+    """Prepare ``loaded`` and its static twin (:func:`prepare_subjects`), then measure them."""
+    subjects = prepare_subjects(loaded, config, conversions=conversions, reuse=reuse,
+                                progress=progress)
+    return run_benchmark(subjects, loaded.io_spec, config, progress=progress)
 
-    Each (backend, batch, threads) cell measures both models separately (cold start, warm
-    latency, memory), then runs them in interleaved A/B rounds for the ratio. A cell that
-    fails is recorded with its reason and the sweep goes on.
+
+def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: BenchConfig, *,
+                  progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+    """Measure every subject on every backend, batch and thread count.
+
+    Each (backend, batch, threads) cell measures the subjects separately (cold start, warm
+    latency, memory), then runs the ODConv model and its static twin in interleaved A/B
+    rounds for the ratio. A cell that fails is recorded with its reason and the sweep goes on.
     """
     backends: list[Backend] = parse_backends(config.backends)
-    out = Path(config.out)
-    loaded = load_zoo_model(config.model, checkpoint=config.checkpoint,
-                            **({} if config.model == "od_tinynet_digits"
-                               else {"kernel_num": config.kernel_num}))
-    twin = static_twin_of(loaded)
-    size = config.resolution or loaded.io_spec.inputs[0].shape[-1]
-    spec = loaded.io_spec.with_input_size(size, size)
+    spec = io_spec
+    size = spec.inputs[0].shape[-1]
     report = BenchReport(config, machine_info(),
                          {t: probe_machine(t) for t in sorted(set(config.threads))})
-    formats = {b.artifact for b in backends if b.artifact is not None}
     prepared = {}
-    for role, item in (("odconv", loaded), ("static", twin)):
-        progress(f"prepare {item.name} ({', '.join(sorted(f.value for f in formats)) or 'torch'})")
-        reuse = config.reuse_artifacts if role == "odconv" and size == loaded.io_spec.inputs[
-            0].shape[-1] else ()
-        model, artifacts = _prepare(item, config, spec, set(formats), out / "artifacts",
-                                    progress, reuse)
-        complexity = measure_complexity(model, spec.inputs[0].with_batch(1))
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        prepared[role] = (item, model, artifacts, complexity.macs, weight_bytes)
-        report.artifacts += [a.to_dict() for a in artifacts.values()]
+    for subject in subjects:
+        complexity = measure_complexity(subject.model, inputs=spec.sample_inputs(1))
+        weight_bytes = sum(p.numel() * p.element_size() for p in subject.model.parameters())
+        prepared[subject.role] = (subject, subject.model, subject.artifacts, complexity.macs,
+                                  weight_bytes)
+        report.artifacts += [a.to_dict() for a in subject.artifacts.values()]
     cells = [(b, n, t) for b in backends for n in config.batches for t in config.threads]
     for i, (backend, batch, threads) in enumerate(cells, 1):
         progress(f"[{i}/{len(cells)}] {backend.name} batch={batch} threads={threads}")
@@ -158,8 +181,7 @@ def run_benchmark(config: BenchConfig, *, progress: Callable[[str], None] = lamb
         feed = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.sample_inputs(batch),
                                                    strict=True)}
         for role, (item, model, artifacts, macs, weight_bytes) in prepared.items():
-            row = BenchRow(item.name, role, backend.name, batch, threads, size,
-                           config.strategy if role == "odconv" else None)
+            row = BenchRow(item.name, role, backend.name, batch, threads, size, item.strategy)
             rows[role] = row
             report.rows.append(row)
             artifact = artifacts.get(backend.artifact) if backend.artifact else None

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export import export_onnx
-from odconv_deploy.model_source import load_zoo_model, static_twin_of
+from odconv_deploy.model_source import load_model, static_twin_of
 from odconv_deploy.runners import OnnxRuntimeRunner
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=15, help="slowest nodes to list")
     args = parser.parse_args()
-    loaded = load_zoo_model(args.model, kernel_num=args.kernel_num)
+    loaded = load_model(args.model, kernel_num=args.kernel_num)
     item = static_twin_of(loaded) if args.static else loaded
     with tempfile.TemporaryDirectory(prefix="ort_profile_") as work:
         result = export_onnx(item.model, Path(work) / "m.onnx", strategy=args.strategy,

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from odconv_deploy._atomic import atomic_output
-from runtime_bench.bench import BenchConfig, run_benchmark
+from odconv_deploy.model_source import load_model
+from runtime_bench.bench import BenchConfig, benchmark
 from runtime_bench.measure import MeasureSettings
 from runtime_bench.probe import machine_info
 
@@ -69,12 +70,12 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
     records = []
     for target in TARGETS:
         start = time.perf_counter()
-        config = BenchConfig(model=target.model, kernel_num=target.kernel_num,
-                             backends=target.backend, batches=(target.batch,), threads=threads,
+        loaded = load_model(target.model, kernel_num=target.kernel_num)
+        config = BenchConfig(backends=target.backend, batches=(target.batch,), threads=threads,
                              strategy=strategy, dynamic_batch=dynamic_batch, settings=settings,
                              out=str(out / "work" / f"{target.model}_k{target.kernel_num}"),
                              overwrite=True)
-        report = run_benchmark(config, progress=lambda s: print(f"   {s}", flush=True))
+        report = benchmark(loaded, config, progress=lambda s: print(f"   {s}", flush=True))
         for row in report.rows:
             if row.role != "odconv":
                 continue

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from odconv_deploy._atomic import atomic_output
+from odconv_deploy._atomic import atomic_output, check_writable
 from runtime_bench.bench import BenchReport, BenchRow
 
 CSV_FIELDS = ("model", "role", "backend", "batch", "threads", "resolution", "strategy", "status",
@@ -121,6 +121,22 @@ def _plots(report: BenchReport, out: Path, overwrite: bool) -> list[Path]:
         written.append(out / "ratio.png")
         plt.close(fig)
     return written
+
+
+#: The files :func:`write_report` writes (the plots only when there are rows to plot).
+REPORT_FILES = ("bench.json", "bench.csv", "bench.md", "latency.png", "ratio.png")
+
+
+def check_report_writable(out: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse a folder that already holds results (unless ``overwrite``) or cannot be written.
+
+    Called before any measurement, so a refusal loses no work.
+
+    Raises:
+        OutputPathError: One of :data:`REPORT_FILES` exists, or the folder is not writable.
+    """
+    for name in REPORT_FILES:
+        check_writable(Path(out) / name, overwrite=overwrite)
 
 
 def write_report(report: BenchReport, out: str | Path, *, overwrite: bool = False

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from odconv_deploy.cli import main
+from odconv_deploy.model_source import load_model
 from runtime_bench.backends import UnknownBackendError, parse_backends
-from runtime_bench.bench import BenchConfig, run_benchmark
+from runtime_bench.bench import BenchConfig, benchmark
 from runtime_bench.measure import MeasureSettings
 from runtime_bench.report import to_csv, to_markdown, write_report
 from runtime_bench.stats import paired_ratio, summarize
@@ -35,16 +36,16 @@ def test_paired_ratio():
 
 
 def test_unknown_backend_lists_valid():
-    with pytest.raises(UnknownBackendError, match="tflite.*torch, ort, ort-format, pte, coreml"):
+    with pytest.raises(UnknownBackendError, match="tflite.*torch, ort, ort-format, coreml, pte"):
         parse_backends("ort,tflite")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    config = BenchConfig(model="od_tinynet", kernel_num=2, backends="torch,ort,ort-format,pte",
-                         batches=(1, 65), threads=(1,), out=str(out), settings=QUICK)
-    return run_benchmark(config), out
+    config = BenchConfig(backends="torch,ort,ort-format,pte", batches=(1, 65), threads=(1,),
+                         out=str(out), settings=QUICK)
+    return benchmark(load_model("od_tinynet", kernel_num=2), config), out
 
 
 def test_every_backend_measures_both_models(report):
@@ -69,10 +70,9 @@ def test_batch_the_artifact_cannot_take_is_skipped_and_sweep_goes_on(report):
 
 
 def test_static_batch_bakes_in_the_first_batch_size(tmp_path):
-    config = BenchConfig(model="od_tinynet", kernel_num=2, backends="ort", batches=(3, 1),
-                         threads=(1,), strategy="auto", dynamic_batch=False, out=str(tmp_path),
-                         settings=QUICK)
-    rep = run_benchmark(config)
+    config = BenchConfig(backends="ort", batches=(3, 1), threads=(1,), strategy="auto",
+                         dynamic_batch=False, out=str(tmp_path), settings=QUICK)
+    rep = benchmark(load_model("od_tinynet", kernel_num=2), config)
     ort3 = [r for r in rep.rows if r.batch == 3]
     assert ort3 and all(r.status == "ok" for r in ort3)
     ort1 = [r for r in rep.rows if r.batch == 1]
@@ -101,9 +101,8 @@ def test_missing_backend_package_is_reported_not_fatal(tmp_path, monkeypatch):
                                   f"pip install 'odconv-deploy[{extra}]'")
 
     monkeypatch.setattr(et, "require_backend", missing)
-    config = BenchConfig(model="od_tinynet", kernel_num=1, backends="pte,torch", batches=(1,),
-                         out=str(tmp_path), settings=QUICK)
-    rep = run_benchmark(config)
+    config = BenchConfig(backends="pte,torch", batches=(1,), out=str(tmp_path), settings=QUICK)
+    rep = benchmark(load_model("od_tinynet", kernel_num=1), config)
     pte = [r for r in rep.rows if r.backend == "pte"]
     assert all(r.status == "failed" and "pip install 'odconv-deploy[executorch]'" in r.reason
                for r in pte)
@@ -115,6 +114,25 @@ def test_bench_cli(tmp_path, capsys):
                  "--iterations", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "od_tinynet | ort | 1 | 1" in out and (tmp_path / "bench.md").is_file()
+    before = (tmp_path / "bench.json").read_text()
+    # A folder that already holds results is refused before any measurement, not after it.
+    assert main(["bench", "--model", "od_tinynet", "--backends", "ort", "--out",
+                 str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "bench.json already exists" in err and "--overwrite" in err
+    assert (tmp_path / "bench.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch: expected a positive integer, got '0'"),
+    (["--threads", "1,x"], "--threads: expected a positive integer, got 'x'"),
+    (["--iterations", "-3"], "--iterations: expected a positive integer"),
+    (["--budget", "0"], "--budget: expected a positive number of seconds"),
+])
+def test_bench_cli_refuses_bad_numbers_before_any_work(tmp_path, capsys, argv, message):
+    assert main(["bench", "--model", "od_tinynet", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_fresh_process_measures_in_a_new_interpreter():

@@ -30,22 +30,22 @@ def test_convert_writes_checkpoint_and_refuses_overwrite(tmp_path, capsys):
     args = ["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--out", str(out)]
     assert main(args) == 0
     saved = torch.load(out, weights_only=True)
-    assert saved["strategy"] == "im2col" and saved["kernel_num"] == 2
-    assert main(args) == 2
+    assert saved["strategy"] == "im2col" and saved["source"]["kwargs"]["kernel_num"] == 2
+    assert main(args) == 3
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
 
 
-def test_unknown_model_exit_code(capsys):
-    assert main(["convert", "--model", "nope", "--out", "x.pt"]) == 2
-    assert "available models are" in capsys.readouterr().err
+def test_unknown_model_exit_code(tmp_path, capsys):
+    assert main(["convert", "--model", "nope", "--out", str(tmp_path / "x.pt")]) == 3
+    assert "zoo models are" in capsys.readouterr().err
 
 
 def test_export_cli_fixed_batch_size(tmp_path, capsys):
     import onnx
 
     args = ["export", "--model", "od_tinynet", "--formats", "onnx", "--out", str(tmp_path)]
-    assert main(args + ["--batch-size", "4"]) == 2  # a fixed size needs --static-batch
+    assert main(args + ["--batch-size", "4"]) == 3  # a fixed size needs --static-batch
     assert "batch_size=4 fixes the batch" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
     assert main(args + ["--static-batch", "--batch-size", "4"]) == 0
@@ -57,12 +57,15 @@ def test_export_cli_one_line_per_artifact(tmp_path, capsys):
     args = ["export", "--model", "od_tinynet", "--formats", "onnx,ort", "--out", str(tmp_path)]
     assert main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert [line.split()[0] for line in lines] == ["onnx", "onnx-sim", "ort"]
+    assert [line.split()[0] for line in lines] == ["onnx", "onnx-sim", "ort", "export"]
+    assert lines[-1].startswith("export done (log: ")
     assert (tmp_path / "od_tinynet.ort").is_file()
-    assert main(args) == 1  # existing artifacts are not overwritten
-    assert "FAILED" in capsys.readouterr().out
+    before = (tmp_path / "od_tinynet.onnx").stat().st_mtime_ns
+    assert main(args) == 3  # existing artifacts are refused before any work
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "od_tinynet.onnx").stat().st_mtime_ns == before
     assert main(["export", "--model", "od_tinynet", "--formats", "tflite", "--out",
-                 str(tmp_path)]) == 2
+                 str(tmp_path)]) == 3
     assert "valid formats are" in capsys.readouterr().err
 
 
@@ -97,5 +100,5 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
 
 
 def test_validate_cli_refuses_a_batch_size_without_static_batch(capsys):
-    assert main(["validate", "--model", "od_tinynet", "--batch-size", "2"]) == 2
+    assert main(["validate", "--model", "od_tinynet", "--batch-size", "2"]) == 3
     assert "batch_size=2 fixes the batch" in capsys.readouterr().err

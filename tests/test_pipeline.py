@@ -43,7 +43,7 @@ def test_run_writes_complete_report(digits_run):
 
 def test_existing_report_is_not_overwritten(digits_run, capsys):
     _, out = digits_run
-    assert main(["run", "--model", "od_tinynet_digits", "--out", str(out)]) == 2
+    assert main(["run", "--model", "od_tinynet_digits", "--out", str(out)]) == 3
     assert "already exists" in capsys.readouterr().err
 
 

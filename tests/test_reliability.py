@@ -525,7 +525,7 @@ class _RaisesWhenTraced(nn.Module):
 
 
 @pytest.mark.parametrize("model, message", [
-    (_RaisesAlways, r"fails to run on its declared input \[\(1, 4, 9, 7\)\]: RuntimeError: "
+    (_RaisesAlways, r"fails to run on the input input\[1, 4, 9, 7\]: RuntimeError: "
                     r"boom in forward"),
     (_RaisesWhenTraced, r"ONNX export of _RaisesWhenTraced \(exporter=torchscript, opset=18\) "
                         r"failed: RuntimeError: boom while tracing"),

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 
 from odconv_deploy.io_spec import IOSpec
-from odconv_deploy.runners import (
-    BackendUnavailableError,
-    CoreMLRunner,
-    ExecuTorchRunner,
-    MILReferenceRunner,
-    OnnxRuntimeRunner,
-    Runner,
-    TorchRunner,
-)
+from odconv_deploy.runners import BackendUnavailableError, Runner, TorchRunner
 from odconv_deploy.validation.validate import Candidate, ValidationReport, validate
 
 
@@ -25,52 +17,35 @@ def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None 
                    io_spec: IOSpec | None = None) -> list[Candidate]:
     """Every runner that can execute each artifact (plus the PyTorch deploy form if given).
 
+    The runners of each format come from the format table (:data:`export.formats.FORMATS`):
     ONNX models run in ONNX Runtime with graph optimisations off and full; ``.ort`` files in
     ONNX Runtime; ``.pte`` in ExecuTorch; ``.mlpackage`` in the MIL reference executor and,
     on macOS, in Core ML itself. Failed exports are left out (their failure is reported by
     the export step).
     """
-    from export import ExportFormat
+    from export.formats import FORMATS
 
     found: list[Candidate] = []
     if deploy_model is not None:
         found.append(Candidate(TorchRunner(deploy_model, io_spec, name="torch (deploy form)"),
                                "fp32", artifact="deploy form (PyTorch)"))
     for result in results:
-        if not result.ok:
-            continue
-        fmt, path = result.format, str(result.path)
-        if fmt in (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED):
-            tag = "onnx-sim" if fmt is ExportFormat.ONNX_SIMPLIFIED else "onnx"
-            for level in ("off", "full"):
-                found.append(Candidate(OnnxRuntimeRunner(path, optimization=level,
-                                                         name=f"ort {tag} (opt {level})"),
-                                       "fp32", artifact=path))
-        elif fmt is ExportFormat.ORT:
-            found.append(Candidate(OnnxRuntimeRunner(path, name="ort (.ort format)"), "fp32",
-                                   artifact=path))
-        elif fmt is ExportFormat.EXECUTORCH:
-            found.append(Candidate(ExecuTorchRunner.from_export(result, name="executorch "
-                                                                "(xnnpack)"),
-                                   "fp32", artifact=path))
-        elif fmt is ExportFormat.COREML:
-            precision = str(result.options.get("precision", "fp16"))
-            found.append(Candidate(MILReferenceRunner(path, name=f"coreml {precision} "
-                                                      "(MIL reference executor)"),
-                                   precision, artifact=path))
-            found.append(Candidate(CoreMLRunner(path, name=f"coreml {precision} (predict)"),
-                                   precision, artifact=path))
+        if result.ok:
+            found += [Candidate(runner, precision, artifact=str(result.path))
+                      for runner, precision in FORMATS[result.format].validation_runners(result)]
     return found
 
 
 def validate_artifacts(model: nn.Module, results: Sequence[object], *, io_spec: IOSpec,
                        deploy_model: nn.Module | None = None, batches: Sequence[int] = (1, 3),
-                       seed: int = 0, image_folder: str | None = None) -> ValidationReport:
+                       seed: int = 0, image_folder: str | None = None,
+                       progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
     """Check every artifact (and the deploy form) against the PyTorch model ``model``."""
     reference = TorchRunner(model, io_spec, name="torch (train form)")
     return validate(reference, candidates_for(results, deploy_model=deploy_model,
                                               io_spec=io_spec),
-                    io_spec, batches=batches, seed=seed, image_folder=image_folder)
+                    io_spec, batches=batches, seed=seed, image_folder=image_folder,
+                    progress=progress)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,8 +81,8 @@ def _fp16_range_issue(reference: dict[str, np.ndarray]) -> str | None:
 
 
 def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec, *,
-             batches: Sequence[int] = (1, 3), seed: int = 0, image_folder: str | None = None
-             ) -> ValidationReport:
+             batches: Sequence[int] = (1, 3), seed: int = 0, image_folder: str | None = None,
+             progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
     """Feed identical inputs to the reference and every candidate and compare the outputs.
 
     A candidate is run at each batch size its inputs accept (one that accepts none of
@@ -97,6 +97,7 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
         batches: Batch sizes to try.
         seed: Seed of the random inputs.
         image_folder: Use real images from this folder instead of random inputs.
+        progress: Told which runner is being checked.
     """
     report = ValidationReport(reference=reference.name)
     feeds = {b: (image_folder_feed(image_folder, io_spec, b) if image_folder
@@ -107,6 +108,7 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
     with reference:
         expected = {b: reference.infer(f) for b, f in feeds.items()}
     for cand in candidates:
+        progress(f"validate {cand.runner.name}")
         tolerance = cand.tolerance or DEFAULT_TOLERANCES[cand.precision]
         try:
             cand.runner.activate()

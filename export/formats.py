@@ -1,0 +1,145 @@
+"""The format table: everything the project knows about each artifact format, in one place.
+
+Each :class:`FormatInfo` says the file suffix, what the format is made from (``onnx`` ->
+``onnx-sim`` -> ``ort``), the export target ``strategy="auto"`` chooses the layers' forms for,
+the package extra it needs, the runners that validate it, the benchmark backend that times it
+and how that backend's runner is built. The exporters, validation, the benchmark and the CLI
+all read it from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from export._common import ExportError, ExportFormat, ExportResult
+from odconv_deploy.runners import (
+    CoreMLRunner,
+    ExecuTorchRunner,
+    MILReferenceRunner,
+    OnnxRuntimeRunner,
+    Runner,
+)
+
+#: (runner, precision its artifact computes in) pairs for validation.
+ValidationRunners = list[tuple[Runner, str]]
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """One artifact format.
+
+    Attributes:
+        format: The enum value (its ``.value`` is the CLI name).
+        suffix: File suffix after the model's stem.
+        description: One line for help texts and reports.
+        derived_from: Formats this one is made from, in order of preference (empty: traced
+            from the PyTorch model).
+        extra: The ``odconv-deploy[...]`` extra that installs what it needs.
+        bench_backend: Name of the benchmark backend that times it (None: not benchmarked).
+        validation_runners: Runners that execute an artifact of this format for validation.
+        bench_runner: The benchmark backend's runner for an artifact and a thread count.
+    """
+
+    format: ExportFormat
+    suffix: str
+    description: str
+    derived_from: tuple[ExportFormat, ...]
+    extra: str
+    bench_backend: str | None
+    validation_runners: Callable[[ExportResult], ValidationRunners]
+    bench_runner: Callable[[ExportResult, int], Runner] | None = None
+
+    @property
+    def name(self) -> str:
+        """The CLI name."""
+        return self.format.value
+
+    def auto_target(self, onnx_target: str = "onnx") -> str:
+        """The target ``strategy="auto"`` chooses for: ONNX family by ``onnx_target``."""
+        if self.format is ExportFormat.COREML:
+            return "coreml"
+        if self.format is ExportFormat.EXECUTORCH:
+            return "pte"
+        return onnx_target
+
+    def path(self, out_dir: Path, stem: str) -> Path:
+        """The artifact's path for model ``stem`` under ``out_dir``."""
+        return Path(out_dir) / f"{stem}{self.suffix}"
+
+
+def _ort_levels(tag: str) -> Callable[[ExportResult], ValidationRunners]:
+    def runners(result: ExportResult) -> ValidationRunners:
+        return [(OnnxRuntimeRunner(str(result.path), optimization=level,
+                                   name=f"ort {tag} (opt {level})"), "fp32")
+                for level in ("off", "full")]
+    return runners
+
+
+def _coreml_runners(result: ExportResult) -> ValidationRunners:
+    precision = str(result.options.get("precision", "fp16"))
+    return [(MILReferenceRunner(str(result.path),
+                                name=f"coreml {precision} (MIL reference executor)"), precision),
+            (CoreMLRunner(str(result.path), name=f"coreml {precision} (predict)"), precision)]
+
+
+#: ONNX Runtime's idle pool threads spin by default; with several threads the benchmark turns
+#: that off, for both models alike: in interleaved A/B rounds the idle session's spinning
+#: threads otherwise steal the running one's cores (on this 2-core machine the ratio of
+#: od_resnet18 k=1 read 1.18 with an IQR of 0.81-1.62 spinning, 1.25 (1.23-1.26) not).
+def _ort_bench(backend: str) -> Callable[[ExportResult, int], Runner]:
+    def make(result: ExportResult, threads: int) -> Runner:
+        return OnnxRuntimeRunner(result.path, threads=threads, spin=threads <= 1, name=backend)
+    return make
+
+
+FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
+    FormatInfo(ExportFormat.ONNX, ".onnx", "ONNX (opset 18, onnx.checker full check)", (),
+               "onnx", None, _ort_levels("onnx")),
+    FormatInfo(ExportFormat.ONNX_SIMPLIFIED, ".sim.onnx", "ONNX simplified with onnxsim",
+               (ExportFormat.ONNX,), "onnx", "ort", _ort_levels("onnx-sim"), _ort_bench("ort")),
+    FormatInfo(ExportFormat.ORT, ".ort", "ORT format for ONNX Runtime Mobile",
+               (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx", "ort-format",
+               lambda r: [(OnnxRuntimeRunner(str(r.path), name="ort (.ort format)"), "fp32")],
+               _ort_bench("ort-format")),
+    FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
+               "coreml", _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml")),
+    FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
+               "executorch", "pte",
+               lambda r: [(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"), "fp32")],
+               lambda r, threads: ExecuTorchRunner.from_export(r, threads=threads, name="pte")),
+)}
+
+#: Formats by CLI name, in the order they are made.
+FORMAT_NAMES = tuple(fmt.value for fmt in FORMATS)
+
+
+def format_info(fmt: ExportFormat | str) -> FormatInfo:
+    """The table entry of a format (or its CLI name).
+
+    Raises:
+        ExportError: An unknown name (the message lists the valid ones).
+    """
+    for info in FORMATS.values():
+        if fmt in (info.format, info.name):
+            return info
+    raise ExportError(f"Unknown export format {fmt!r}. Note: valid formats are "
+                      f"{', '.join(FORMAT_NAMES)}.")
+
+
+def with_sources(formats: list[ExportFormat]) -> list[ExportFormat]:
+    """``formats`` plus every format they are made from, in the table's order."""
+    needed = set(formats)
+    for fmt in reversed(list(FORMATS)):
+        if fmt in needed:
+            needed.update(FORMATS[fmt].derived_from)
+    return [fmt for fmt in FORMATS if fmt in needed]
+
+
+def parse_formats(text: str) -> list[ExportFormat]:
+    """Parse ``"onnx,coreml"`` into formats, with a clear error on an unknown one."""
+    formats = [format_info(name).format for name in (n.strip() for n in text.split(",")) if name]
+    if not formats:
+        raise ExportError(f"No export format given. Note: choose from {', '.join(FORMAT_NAMES)}.")
+    return formats
