@@ -50,26 +50,26 @@ def _smoke_args(name: str) -> list[str]:
     return args + (["--kernel-num", "1"] if name.startswith("od_") else [])
 
 
-SUBCOMMANDS = {
-    "convert": lambda d: ["convert", "--out", str(d / "deploy.pt")],
-    "export": lambda d: ["export", "--formats", "onnx", "--out", str(d)],
-    "validate": lambda d: ["validate", "--formats", "onnx", "--batches", "2"],
-    "bench": lambda d: ["bench", "--backends", "torch", "--iterations", "1", "--warmup", "0",
-                        "--out", str(d)],
-    "run": lambda d: ["run", "--formats", "onnx", "--backends", "torch", "--quick", "--out",
-                      str(d)],
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("command", list(SUBCOMMANDS))
 @pytest.mark.parametrize("name", zoo_names())
-def test_every_command_on_every_zoo_model(tmp_path, capsys, command, name):
-    argv = SUBCOMMANDS[command](tmp_path)
-    code = main(argv[:1] + _smoke_args(name) + argv[1:])
-    captured = capsys.readouterr()
-    assert code == EXIT_OK, captured.err[-2000:]
-    assert "Traceback" not in captured.out + captured.err
+def test_every_command_on_every_zoo_model(tmp_path, capsys, name):
+    """convert, then export / validate / bench / run from its deploy checkpoint (small input)."""
+    deploy = tmp_path / "deploy.pt"
+    onnx_file = tmp_path / "export" / f"{name}.onnx"
+    commands = [
+        ["convert", *_smoke_args(name), "--out", str(deploy)],
+        ["export", "--model", str(deploy), "--formats", "onnx", "--out", str(tmp_path / "export")],
+        ["validate", "--model", str(deploy), "--onnx", str(onnx_file), "--batches", "2"],
+        ["bench", "--model", str(deploy), "--backends", "torch", "--iterations", "1",
+         "--warmup", "0", "--out", str(tmp_path / "bench")],
+        ["run", "--model", str(deploy), "--formats", "onnx", "--backends", "torch", "--quick",
+         "--out", str(tmp_path / "run")],
+    ]
+    for argv in commands:
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert code == EXIT_OK, (argv, captured.err[-2000:])
+        assert "Traceback" not in captured.out + captured.err
 
 
 # -- generated argument lists --------------------------------------------------------------

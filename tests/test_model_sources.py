@@ -127,7 +127,7 @@ def test_several_inputs_by_name(tmp_path):
     assert loaded.io_spec.input_names == ["image", "mask"]
     assert loaded.io_spec.output_names == ["score"]
     from export import export_formats, parse_formats
-    from odconv_deploy.validation.artifacts import validate_artifacts
+    from export.validation import validate_artifacts
 
     results = export_formats(loaded.model, tmp_path, parse_formats("onnx,pte"),
                              io_spec=loaded.io_spec)
@@ -183,3 +183,16 @@ def test_files_that_are_no_model(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(ModelSourceError, match="is a folder"):
         load_model(tmp_path)
+
+
+def test_python_api_validates_a_two_output_network_exported_with_input_shape(tmp_path):
+    from export import export_formats, parse_formats
+    from export.validation import validate_artifacts
+
+    net = build_detector()
+    results = export_formats(net, tmp_path, parse_formats("onnx,pte"), input_shape=INPUT_SHAPE)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert results[0].output_names == ["output0", "output1", "output2"]
+    report = validate_artifacts(net, results, input_shape=INPUT_SHAPE, batches=(1,))
+    assert report.passed and {o.name for c in report.comparisons for o in c.outputs} == {
+        "output0", "output1", "output2"}

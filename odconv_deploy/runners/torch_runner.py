@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from odconv_deploy.errors import InputShapeError
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.outputs import flatten_outputs
 from odconv_deploy.runners.base import Runner, TensorMeta
 
 
@@ -48,6 +50,11 @@ class TorchRunner(Runner):
         args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.io_spec.input_names]
         with torch.no_grad():
             out = self.model(*args)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
+        outs = [t for _, t in flatten_outputs(out)]
+        if len(outs) != len(self.io_spec.outputs):
+            raise InputShapeError(
+                f"{self.name}: the model returned {len(outs)} tensors; its I/O spec declares "
+                f"{self.io_spec.output_names}. Note: build the spec from the model "
+                "(odconv_deploy.model_source.describe_io) or pass input_shape instead.")
         return {name: o.detach().cpu().numpy()
                 for name, o in zip(self.io_spec.output_names, outs, strict=True)}
