@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from odconv_deploy._version import __version__
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
@@ -93,9 +94,7 @@ class ExportResult:
 
 def tool_versions(*packages: str) -> dict[str, str]:
     """Installed versions of ``packages`` plus odconv-deploy and torch."""
-    import odconv_deploy
-
-    versions = {"odconv_deploy": odconv_deploy.__version__, "torch": torch.__version__}
+    versions = {"odconv_deploy": __version__, "torch": torch.__version__}
     for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from export.formats import FORMATS
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.model_source import describe_io, parse_input_shapes
 from odconv_deploy.runners import BackendUnavailableError, Runner, TorchRunner
 from odconv_deploy.validation.validate import Candidate, ValidationReport, validate
 
@@ -23,8 +25,6 @@ def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None 
     on macOS, in Core ML itself. Failed exports are left out (their failure is reported by
     the export step).
     """
-    from export.formats import FORMATS
-
     found: list[Candidate] = []
     if deploy_model is not None:
         found.append(Candidate(TorchRunner(deploy_model, io_spec, name="torch (deploy form)"),
@@ -36,11 +36,23 @@ def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None 
     return found
 
 
-def validate_artifacts(model: nn.Module, results: Sequence[object], *, io_spec: IOSpec,
+def validate_artifacts(model: nn.Module, results: Sequence[object], *,
+                       io_spec: IOSpec | None = None,
+                       input_shape: tuple[int, ...] | None = None,
                        deploy_model: nn.Module | None = None, batches: Sequence[int] = (1, 3),
                        seed: int = 0, image_folder: str | None = None,
                        progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
-    """Check every artifact (and the deploy form) against the PyTorch model ``model``."""
+    """Check every artifact (and the deploy form) against the PyTorch model ``model``.
+
+    The I/O spec is ``io_spec``, else the model's own or one for ``input_shape`` (as the
+    exporters take it), with the outputs named after what the model returns.
+    """
+    if io_spec is None:
+        declared = getattr(model, "io_spec", None)
+        inputs = None if input_shape is None else parse_input_shapes(
+            ",".join(map(str, (1, *input_shape[1:]))))
+        model, io_spec = describe_io(model, type(model).__name__,
+                                     declared if isinstance(declared, IOSpec) else None, inputs)
     reference = TorchRunner(model, io_spec, name="torch (train form)")
     return validate(reference, candidates_for(results, deploy_model=deploy_model,
                                               io_spec=io_spec),

@@ -8,9 +8,10 @@ Main entry points:
 - :func:`reparameterize_model`, :func:`convert_model`: exact conversion to the deploy form.
 """
 
+from odconv_deploy._version import __version__
 from odconv_deploy.checkpoint import load_checkpoint
 from odconv_deploy.complexity import Complexity, measure_complexity
-from odconv_deploy.detect import ODConvSpec, inspect_odconv, looks_like_odconv
+from odconv_deploy.detect import inspect_odconv, looks_like_odconv
 from odconv_deploy.errors import (
     CheckpointError,
     ConversionError,
@@ -33,11 +34,10 @@ from odconv_deploy.layers import (
     OrtNchwcODConv2d,
     StaticWeightODConv2d,
 )
+from odconv_deploy.layers.spec import ODConvSpec
 from odconv_deploy.models import create_model, list_models, model_entry
 from odconv_deploy.reparameterize import ConversionResult, convert_model, reparameterize_model
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS, AutoStrategy
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AUTO_STRATEGY",

@@ -19,8 +19,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from odconv_deploy._version import __version__
 from odconv_deploy.detect import inspect_odconv
 from odconv_deploy.errors import ODConvDeployError
+from odconv_deploy.io_spec import io_spec_to_dict
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d, ort_nchwc_block
 from odconv_deploy.reparameterize import (
@@ -31,6 +33,8 @@ from odconv_deploy.reparameterize import (
 )
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
 
+#: Marker key of the deploy checkpoints that :func:`deploy_checkpoint` builds.
+DEPLOY_CHECKPOINT_KEY = "odconv_deploy_checkpoint"
 #: Version of the deploy checkpoint layout.
 DEPLOY_CHECKPOINT_VERSION = 1
 
@@ -106,13 +110,10 @@ def deploy_checkpoint(loaded: object, result: ConversionResult, *, target: str,
         target: The target the conversion was made for.
         dynamic_batch: The batch mode it was made for.
     """
-    import odconv_deploy
-    from odconv_deploy.model_source import DEPLOY_CHECKPOINT_KEY, io_spec_to_dict
-
     blocks = {m.block for m in result.model.modules() if isinstance(m, OrtNchwcODConv2d)}
     return {
         DEPLOY_CHECKPOINT_KEY: DEPLOY_CHECKPOINT_VERSION,
-        "odconv_deploy_version": odconv_deploy.__version__,
+        "odconv_deploy_version": __version__,
         "name": loaded.name, "weights": loaded.weights, "source": loaded.recipe,
         "io_spec": io_spec_to_dict(loaded.io_spec),
         "strategy": result.strategy, "target": target, "dynamic_batch": dynamic_batch,

@@ -13,45 +13,14 @@ The absence of a head means that attention is 1, exactly as in the reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from odconv_deploy.errors import UnsupportedLayerError
-from odconv_deploy.layers.odconv import as_square, is_depthwise
+from odconv_deploy.layers.odconv import as_square
+from odconv_deploy.layers.spec import ODConvSpec
 
 HEAD_NAMES = ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")
-
-
-@dataclass(frozen=True)
-class ODConvSpec:
-    """Everything the deploy form needs from a train-time ODConv layer (tensors are views)."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel_size: int
-    stride: int
-    padding: int
-    dilation: int
-    groups: int
-    kernel_num: int
-    temperature: float
-    weight: torch.Tensor  # [K, C_out, C_in/g, k, k]
-    fc_weight: torch.Tensor  # [A, C_in]
-    bn: nn.BatchNorm2d
-    heads: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (weight [n, A], bias [n])
-
-    @property
-    def depthwise(self) -> bool:
-        """Whether the layer is depthwise (``groups == C_in == C_out``)."""
-        return is_depthwise(self.in_channels, self.out_channels, self.groups)
-
-    @property
-    def attention_channels(self) -> int:
-        """Width ``A`` of the attention trunk."""
-        return self.fc_weight.shape[0]
 
 
 def looks_like_odconv(module: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -76,3 +77,25 @@ def image_classifier_spec(num_classes: int, *, channels: int = 3, size: int = 22
         mean=mean,
         std=std,
     )
+
+
+def io_spec_to_dict(spec: IOSpec) -> dict[str, object]:
+    """A plain-data form of ``spec`` (loadable with ``torch.load(weights_only=True)``)."""
+    def tensors(items: tuple[TensorSpec, ...]) -> list[dict[str, object]]:
+        return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype)} for t in items]
+
+    return {"inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs),
+            "mean": None if spec.mean is None else list(spec.mean),
+            "std": None if spec.std is None else list(spec.std), "task": spec.task}
+
+
+def io_spec_from_dict(data: Mapping[str, object]) -> IOSpec:
+    """Inverse of :func:`io_spec_to_dict`."""
+    def tensors(items: object) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t["name"], tuple(t["shape"]),
+                                getattr(torch, str(t["dtype"]).removeprefix("torch.")))
+                     for t in items)
+
+    return IOSpec(tensors(data["inputs"]), tensors(data["outputs"]),
+                  mean=None if data["mean"] is None else tuple(data["mean"]),
+                  std=None if data["std"] is None else tuple(data["std"]), task=data["task"])

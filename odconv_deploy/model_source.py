@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from odconv_deploy.checkpoint import load_checkpoint
+from odconv_deploy.conversions import DEPLOY_CHECKPOINT_KEY, restore_conversion
 from odconv_deploy.errors import ODConvDeployError
-from odconv_deploy.io_spec import IOSpec, TensorSpec
+from odconv_deploy.io_spec import IOSpec, TensorSpec, io_spec_from_dict
 from odconv_deploy.models import create_model, list_models, model_entry
 from odconv_deploy.outputs import FlatOutputs, flatten_outputs, needs_flattening
 from odconv_deploy.reparameterize import ConversionResult
@@ -40,8 +41,6 @@ from odconv_deploy.synthetic import synthesize_weights
 DIGITS_MODEL = "od_tinynet_digits"
 #: kernel_num of ODConv zoo models when none is given.
 DEFAULT_KERNEL_NUM = 4
-#: Marker key of the deploy checkpoints that :func:`deploy_checkpoint` builds.
-DEPLOY_CHECKPOINT_KEY = "odconv_deploy_checkpoint"
 #: Keys under which training checkpoints keep the whole module, in order of preference.
 MODULE_KEYS = ("ema", "model")
 
@@ -209,28 +208,6 @@ def describe_io(model: nn.Module, name: str, declared: IOSpec | None,
     outputs = tuple(TensorSpec(n, tuple(t.shape)) for n, (_, t) in zip(names, flat, strict=True))
     task = spec.task if len(outputs) == 1 else "generic"
     return model, IOSpec(spec.inputs, outputs, mean=spec.mean, std=spec.std, task=task)
-
-
-def io_spec_to_dict(spec: IOSpec) -> dict[str, object]:
-    """A plain-data form of ``spec`` (loadable with ``torch.load(weights_only=True)``)."""
-    def tensors(items: tuple[TensorSpec, ...]) -> list[dict[str, object]]:
-        return [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype)} for t in items]
-
-    return {"inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs),
-            "mean": None if spec.mean is None else list(spec.mean),
-            "std": None if spec.std is None else list(spec.std), "task": spec.task}
-
-
-def io_spec_from_dict(data: Mapping[str, object]) -> IOSpec:
-    """Inverse of :func:`io_spec_to_dict`."""
-    def tensors(items: object) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(t["name"], tuple(t["shape"]),
-                                getattr(torch, str(t["dtype"]).removeprefix("torch.")))
-                     for t in items)
-
-    return IOSpec(tensors(data["inputs"]), tensors(data["outputs"]),
-                  mean=None if data["mean"] is None else tuple(data["mean"]),
-                  std=None if data["std"] is None else tuple(data["std"]), task=data["task"])
 
 
 # -- the sources ------------------------------------------------------------------------------
@@ -409,8 +386,6 @@ def _from_file(path: Path, checkpoint: str | os.PathLike | None, kernel_num: int
 
 def _from_deploy_checkpoint(path: Path, data: Mapping[str, object], trust_pickle: bool,
                             seed: int) -> LoadedModel:
-    from odconv_deploy.conversions import restore_conversion
-
     recipe = dict(data["source"])
     if recipe["kind"] == "zoo":
         loaded = _zoo(str(recipe["name"]), None, None, dict(recipe["kwargs"]), seed)

@@ -240,8 +240,8 @@ class _Pipeline:
                                for r in self.exports), data
 
     def validate(self) -> StepOutcome:
+        from export.validation import accuracy_table, candidates_for
         from odconv_deploy.runners import TorchRunner
-        from odconv_deploy.validation.artifacts import accuracy_table, candidates_for
         from odconv_deploy.validation.validate import validate
 
         spec = self.loaded.io_spec

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from odconv_deploy.detect import ODConvSpec, inspect_odconv, looks_like_odconv
+from odconv_deploy.detect import inspect_odconv, looks_like_odconv
 from odconv_deploy.errors import ConversionError
 from odconv_deploy.layers import DEFAULT_STRATEGY, LAYER_FORMS, ODConv2dDeploy
+from odconv_deploy.layers.spec import ODConvSpec
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
 
 #: Relative tolerance of the float64 per-layer check (the rewrite is an exact identity).

@@ -40,14 +40,11 @@ static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
 from odconv_deploy.layers.ort_nchwc import nchwc_unsupported_reason, ort_nchwc_block
-
-if TYPE_CHECKING:
-    from odconv_deploy.detect import ODConvSpec
+from odconv_deploy.layers.spec import ODConvSpec
 
 AUTO_STRATEGY = "auto"
 #: Export targets ``auto`` knows. ``onnx`` graphs run anywhere; ``ort`` ones (the same with

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from export import export_executorch, export_onnx
-from odconv_deploy import LAYER_FORMS, ODConv2d, inspect_odconv
 from odconv_deploy._atomic import atomic_output
+from odconv_deploy.detect import inspect_odconv
+from odconv_deploy.layers import LAYER_FORMS, ODConv2d
 from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
 from odconv_deploy.runners import ExecuTorchRunner, OnnxRuntimeRunner
 from runtime_bench.probe import machine_info

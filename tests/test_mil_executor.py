@@ -15,15 +15,15 @@ from coremltools.converters.mil.mil import get_new_symbol  # noqa: E402
 
 from odconv_deploy import create_model, reparameterize_model  # noqa: E402
 from odconv_deploy.errors import InputShapeError, ODConvDeployError  # noqa: E402
-from odconv_deploy.synthetic import synthesize_weights  # noqa: E402
-from odconv_deploy.validation import mil_executor  # noqa: E402
-from odconv_deploy.validation.mil_executor import (  # noqa: E402
+from odconv_deploy.runners.mil import (  # noqa: E402
     SUPPORTED_OPS,
     MILExecutor,
     UnsupportedMILOpError,
     execute_mil,
     load_mil_program,
 )
+from odconv_deploy.runners.mil import kernels as mil_kernels  # noqa: E402
+from odconv_deploy.synthetic import synthesize_weights  # noqa: E402
 
 FP32_TOL = 1e-4  # max|err| <= tol * max|ref|
 FP16_TOL = 2e-2
@@ -416,8 +416,8 @@ def test_unknown_op_fails_before_running(monkeypatch):
         return mb.topk(x=mb.relu(x=x_in), k=2)[0]
 
     calls = []
-    real_relu = mil_executor._KERNELS["relu"]
-    monkeypatch.setitem(mil_executor._KERNELS, "relu",
+    real_relu = mil_kernels._KERNELS["relu"]
+    monkeypatch.setitem(mil_kernels._KERNELS, "relu",
                         lambda ctx: calls.append(1) or real_relu(ctx))
     assert "topk" not in SUPPORTED_OPS
     ex = MILExecutor(prog)
@@ -435,7 +435,7 @@ def test_removed_kernel_is_reported(monkeypatch):
     def prog(x_in):
         return mb.softmax(x=mb.sigmoid(x=x_in), axis=-1)
 
-    monkeypatch.delitem(mil_executor._KERNELS, "softmax")
+    monkeypatch.delitem(mil_kernels._KERNELS, "softmax")
     with pytest.raises(UnsupportedMILOpError, match=r"softmax \(x1\)"):
         MILExecutor(prog).run({"x_in": rand(2, 5)})
 

@@ -18,11 +18,8 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import get_new_symbol  # noqa: E402
 
-from odconv_deploy.validation.mil_executor import (  # noqa: E402
-    MILExecutor,
-    UnsupportedMILOpError,
-    _linear_grid,
-)
+from odconv_deploy.runners.mil import MILExecutor, UnsupportedMILOpError  # noqa: E402
+from odconv_deploy.runners.mil.kernels import _linear_grid  # noqa: E402
 
 FP32_TOL = 1e-5  # max|err| <= tol * max|ref|; float32 arithmetic ops
 FP16_TOL = 2e-2

@@ -219,7 +219,7 @@ def test_onnx_dynamic_batch_matches_pytorch(cfg, strategy, batches):
 @pytest.fixture(scope="module")
 def execute_mil():
     pytest.importorskip("coremltools")
-    module = pytest.importorskip("odconv_deploy.validation.mil_executor")
+    module = pytest.importorskip("odconv_deploy.runners.mil")
     return module.execute_mil
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 import export
 from export import ExportError, export_coreml, export_onnx, simplify_onnx
+from export.validation import validate_artifacts
 from odconv_deploy import (
     DEPLOY_STRATEGIES,
     CheckpointError,
@@ -37,7 +38,6 @@ from odconv_deploy import (
 )
 from odconv_deploy._atomic import OutputPathError, atomic_output
 from odconv_deploy.io_spec import IOSpec, TensorSpec
-from odconv_deploy.validation.artifacts import validate_artifacts
 from tests.helpers import randomize_odconv
 from tests.reference_layer import PastedODConv2d
 

@@ -13,11 +13,11 @@ from export import (
     export_onnx,
     parse_formats,
 )
+from export.validation import accuracy_table, candidates_for, validate_artifacts
 from odconv_deploy import convert_model, create_model
 from odconv_deploy.digits import load_digits_model, load_digits_splits
 from odconv_deploy.runners import OnnxRuntimeRunner, TorchRunner
 from odconv_deploy.synthetic import synthesize_weights
-from odconv_deploy.validation.artifacts import accuracy_table, candidates_for, validate_artifacts
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES, compare_output
 from odconv_deploy.validation.validate import Candidate, validate
 

@@ -20,7 +20,7 @@ loads with plain ``load_state_dict``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,7 @@ from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.fusion import fold_bn_into_linear, fold_output_bn, stack_attention_heads
 from odconv_deploy.layers.im2col import im2col, onehot_tap_kernel
 from odconv_deploy.layers.odconv import Attentions, check_conv_input, is_depthwise
-
-if TYPE_CHECKING:  # detect imports layers.odconv; avoid the cycle at run time
-    from odconv_deploy.detect import ODConvSpec
+from odconv_deploy.layers.spec import ODConvSpec
 
 
 class ODConv2dDeploy(nn.Module):

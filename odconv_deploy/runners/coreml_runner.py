@@ -94,7 +94,7 @@ class MILReferenceRunner(Runner):
 
     def activate_impl(self) -> None:  # noqa: D102
         ct = require_backend("coremltools", extra="coreml", purpose="The MIL reference runner")
-        from odconv_deploy.validation.mil_executor import MILExecutor, load_mil_program
+        from odconv_deploy.runners.mil import MILExecutor, load_mil_program
 
         model = (ct.models.MLModel(self.source, skip_model_load=True)
                  if isinstance(self.source, str) else self.source)

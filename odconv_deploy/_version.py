@@ -1,0 +1,3 @@
+"""The package version, stamped into every artifact and report."""
+
+__version__ = "0.1.0"
