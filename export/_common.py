@@ -19,6 +19,7 @@ from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
 from odconv_deploy.model_source import ModelSourceError, describe_io
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
+from odconv_deploy.status import Status
 from odconv_deploy.strategy_choice import AUTO_STRATEGY
 
 
@@ -70,6 +71,11 @@ class ExportResult:
     error: str | None = None
 
     @property
+    def status(self) -> Status:
+        """``ok``, or ``failed`` (the reason in ``error``)."""
+        return Status.OK if self.ok else Status.FAILED
+
+    @property
     def dynamic_batch(self) -> bool:
         """Whether the first input's batch axis is symbolic."""
         first = self.input_shapes[self.input_names[0]]
@@ -80,6 +86,7 @@ class ExportResult:
         data = asdict(self)
         data["format"] = self.format.value
         data["path"] = str(self.path)
+        data["status"] = self.status.value
         return data
 
     def summary(self) -> str:

@@ -28,10 +28,10 @@ def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None 
     found: list[Candidate] = []
     if deploy_model is not None:
         found.append(Candidate(TorchRunner(deploy_model, io_spec, name="torch (deploy form)"),
-                               "fp32", artifact="deploy form (PyTorch)"))
+                               "fp32"))
     for result in results:
         if result.ok:
-            found += [Candidate(runner, precision, artifact=str(result.path))
+            found += [Candidate(runner, precision)
                       for runner, precision in FORMATS[result.format].validation_runners(result)]
     return found
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from odconv_deploy.console import Console
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
+from odconv_deploy.status import Status
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -271,7 +272,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
         files = write_report(report, args.out, overwrite=args.overwrite)
     console.info(to_markdown(report))
     console.info("wrote " + ", ".join(str(f) for f in files) + (f" (log: {log})" if log else ""))
-    return EXIT_OK if all(r.status != "failed" for r in report.rows) else EXIT_CHECK_FAILED
+    return EXIT_OK if all(r.status is not Status.FAILED for r in report.rows) else EXIT_CHECK_FAILED
 
 
 def _square_input(args: argparse.Namespace, console: Console, size: int) -> str:

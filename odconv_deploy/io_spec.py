@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,7 +42,6 @@ class IOSpec:
     mean: tuple[float, ...] | None = IMAGENET_MEAN
     std: tuple[float, ...] | None = IMAGENET_STD
     task: str = "classification"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:

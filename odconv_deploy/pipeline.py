@@ -23,11 +23,13 @@ from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import DIGITS_MODEL, LoadedModel, load_model
+from odconv_deploy.status import Status
+from odconv_deploy.tolerance import within_tolerance
 
 #: float32 whole-model tolerance of train form vs deploy form (relative to max |logit|).
 FP32_MODEL_RTOL = 1e-4
 
-StepOutcome = tuple[str, str, dict[str, object]]
+StepOutcome = tuple[Status, str, dict[str, object]]
 
 
 @dataclass
@@ -58,10 +60,10 @@ class PipelineOptions:
 
 @dataclass
 class StepResult:
-    """One pipeline step: status is ``ok``, ``failed`` or ``skipped`` (with the reason)."""
+    """One pipeline step: its status, and the reason (or what it did) in ``detail``."""
 
     name: str
-    status: str
+    status: Status
     seconds: float
     detail: str
     data: dict[str, object] = field(default_factory=dict)
@@ -82,7 +84,7 @@ class PipelineReport:
     @property
     def ok(self) -> bool:
         """True when no step failed."""
-        return all(s.status != "failed" for s in self.steps)
+        return all(s.status is not Status.FAILED for s in self.steps)
 
     def summary(self) -> str:
         """One line per step and a verdict."""
@@ -146,17 +148,17 @@ class _Pipeline:
     def step(self, name: str, fn: Callable[[], StepOutcome], *, needs: tuple[str, ...] = ()
              ) -> None:
         index = len(self.report.steps) + 1
-        missing = [n for n in needs if not any(s.name == n and s.status == "ok"
+        missing = [n for n in needs if not any(s.name == n and s.status is Status.OK
                                                for s in self.report.steps)]
         start = time.perf_counter()
         if missing:
-            status, detail, data = "skipped", f"needs the {', '.join(missing)} step", {}
+            status, detail, data = Status.SKIPPED, f"needs the {', '.join(missing)} step", {}
         else:
             self.progress(f"[{index}] {name} ...")
             try:
                 status, detail, data = fn()
             except Exception as exc:  # noqa: BLE001 - recorded in the report, never swallowed
-                status, detail, data = "failed", f"{type(exc).__name__}: {exc}"[:600], {}
+                status, detail, data = Status.FAILED, f"{type(exc).__name__}: {exc}"[:600], {}
         self.report.steps.append(StepResult(name, status, time.perf_counter() - start,
                                             detail, data))
         self.progress(f"[{index}] {name}: {status}: {detail}")
@@ -177,7 +179,7 @@ class _Pipeline:
         self.report.strategy = strategy
         shapes = ", ".join(f"{t.name}{list(t.shape)}" for t in self.loaded.io_spec.inputs)
         outputs = ", ".join(f"{t.name}{list(t.shape)}" for t in self.loaded.io_spec.outputs)
-        return "ok", (f"{self.loaded.name} ({self.loaded.source}), weights: "
+        return Status.OK, (f"{self.loaded.name} ({self.loaded.source}), weights: "
                       f"{self.loaded.weights}; inputs {shapes}; outputs {outputs}"), {}
 
     def convert(self) -> StepOutcome:
@@ -197,13 +199,14 @@ class _Pipeline:
             err = max((r - g).abs().max().item() for r, g in zip(ref, got, strict=True))
             scale = max(r.abs().max().item() for r in ref)
             data[f"model_max_abs_error_fp32_batch{batch}"] = err
-            if not err <= FP32_MODEL_RTOL * max(1.0, scale):
-                return "failed", f"deploy form differs at batch {batch}: {err:.2e}", data
+            if not within_tolerance(err, scale, rtol=FP32_MODEL_RTOL, atol=FP32_MODEL_RTOL):
+                return Status.FAILED, f"deploy form differs at batch {batch}: {err:.2e}", data
         save_deploy_checkpoint(self.out / f"{self.loaded.name}_deploy.pt", self.loaded, result,
                                target="torch", dynamic_batch=True, overwrite=True)
         if not result.layers:
-            return "ok", "0 ODConv layers converted (the network has none); exported as is", data
-        return "ok", (f"{len(result.layers)} ODConv layers -> {result.layer_strategies}, "
+            return (Status.OK, "0 ODConv layers converted (the network has none); exported as is",
+                    data)
+        return Status.OK, (f"{len(result.layers)} ODConv layers -> {result.layer_strategies}, "
                       f"{result.folded_bn_count} BatchNorms folded; worst layer error (float64) "
                       f"{worst:.1e}; whole model (float32, batch 3) "
                       f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
@@ -235,8 +238,8 @@ class _Pipeline:
         failed = [r.format.value for r in self.exports if not r.ok]
         data = {"artifacts": [r.to_dict() for r in self.exports]}
         if failed:
-            return "failed", f"failed: {', '.join(failed)}", data
-        return "ok", ", ".join(f"{r.format.value} ({r.file_size_bytes / 1e6:.1f} MB)"
+            return Status.FAILED, f"failed: {', '.join(failed)}", data
+        return Status.OK, ", ".join(f"{r.format.value} ({r.file_size_bytes / 1e6:.1f} MB)"
                                for r in self.exports), data
 
     def validate(self) -> StepOutcome:
@@ -274,8 +277,8 @@ class _Pipeline:
                      if report.skipped else "")
                   + (f"; input issues: {report.input_issues}" if report.input_issues else ""))
         if failed or report.input_issues:
-            return "failed", detail + f"; FAILED: {', '.join(failed)}", data
-        return "ok", detail, data
+            return Status.FAILED, detail + f"; FAILED: {', '.join(failed)}", data
+        return Status.OK, detail, data
 
     def bench(self) -> StepOutcome:
         from runtime_bench.bench import BenchConfig, benchmark
@@ -295,11 +298,11 @@ class _Pipeline:
                                            "\n![ratio](bench/ratio.png)\n")
         ratios = [f"{r.backend} {r.ratio_to_static['ratio_median']:.2f}x"
                   for r in report.rows if r.role == "odconv" and r.ratio_to_static]
-        failed = [f"{r.backend}" for r in report.rows if r.status == "failed"]
+        failed = [f"{r.backend}" for r in report.rows if r.status is Status.FAILED]
         data = {"rows": [asdict(r) for r in report.rows]}
         if failed:
-            return "failed", f"failed on {', '.join(sorted(set(failed)))}", data
-        return "ok", "ratio to static twin: " + (", ".join(ratios) or "-"), data
+            return Status.FAILED, f"failed on {', '.join(sorted(set(failed)))}", data
+        return Status.OK, "ratio to static twin: " + (", ".join(ratios) or "-"), data
 
 
 def _as_tuple(value: object) -> tuple[torch.Tensor, ...]:

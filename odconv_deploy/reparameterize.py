@@ -20,6 +20,7 @@ from odconv_deploy.errors import ConversionError
 from odconv_deploy.layers import DEFAULT_STRATEGY, LAYER_FORMS, ODConv2dDeploy
 from odconv_deploy.layers.spec import ODConvSpec
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
+from odconv_deploy.tolerance import allowed_error, within_tolerance
 
 #: Relative tolerance of the float64 per-layer check (the rewrite is an exact identity).
 VERIFY_RTOL = 1e-9
@@ -167,7 +168,7 @@ def verify_layer(original: nn.Module, bn: nn.Module | None, deploy: ODConv2dDepl
         )
     error = (actual - expected).abs().max().item()
     scale = expected.abs().max().item()
-    if not error <= rtol * max(1.0, scale):
+    if not within_tolerance(error, scale, rtol=rtol, atol=rtol):
         raise ConversionError(
             f"{name}: deploy form ({deploy.strategy}) differs from the original layer by "
             f"max |err| = {error:.3e} (reference max |y| = {scale:.3e}, allowed "
@@ -178,7 +179,8 @@ def verify_layer(original: nn.Module, bn: nn.Module | None, deploy: ODConv2dDepl
     with torch.no_grad():
         own = deploy(x.to(dtype)).double()
     own_error = (own - expected).abs().max().item()
-    own_tol = 1e3 * torch.finfo(dtype).eps * max(1.0, scale)
+    own_rtol = 1e3 * torch.finfo(dtype).eps
+    own_tol = allowed_error(scale, rtol=own_rtol, atol=own_rtol)
     if not own_error <= own_tol:
         raise ConversionError(
             f"{name}: converted {dtype} layer differs from the original by {own_error:.3e} "

@@ -15,6 +15,7 @@ from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, static_twin_of
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
+from odconv_deploy.status import Status
 from runtime_bench.backends import Backend, parse_backends
 from runtime_bench.measure import MeasureSettings, interleaved, measure
 from runtime_bench.probe import MachineProbe, machine_info, probe_machine
@@ -67,7 +68,7 @@ class BenchRow:
     threads: int
     resolution: int
     strategy: str | None
-    status: str = "ok"  # ok | failed | skipped
+    status: Status = Status.OK
     reason: str = ""
     latency: dict[str, float] = field(default_factory=dict)
     throughput_ips: float | None = None
@@ -186,7 +187,7 @@ def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: Ben
             report.rows.append(row)
             artifact = artifacts.get(backend.artifact) if backend.artifact else None
             if backend.artifact and (artifact is None or not artifact.ok):
-                row.status, row.reason = "failed", (artifact.error if artifact
+                row.status, row.reason = Status.FAILED, (artifact.error if artifact
                                                     else "artifact missing")
                 continue
             make = functools.partial(backend.make, model, spec, artifact, threads)
@@ -196,14 +197,15 @@ def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: Ben
                 accepted = probe_runner.accepts_batch(batch)
                 probe_runner.deactivate()
                 if not accepted:
-                    row.status, row.reason = "skipped", f"the artifact does not take batch {batch}"
+                    row.status = Status.SKIPPED
+                    row.reason = f"the artifact does not take batch {batch}"
                     continue
                 m = measure(make, feed, config.settings)
             except BackendUnavailableError as exc:
-                row.status, row.reason = "skipped", str(exc)
+                row.status, row.reason = Status.SKIPPED, str(exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
-                row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
+                row.status, row.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"[:500]
                 continue
             row.latency, row.cold_start_s, row.peak_rss_mb = (m.stats.to_dict(), m.cold_start_s,
                                                               m.peak_rss_mb)

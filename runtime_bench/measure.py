@@ -58,7 +58,6 @@ class Measurement:
     """Cold start, latency samples and memory of one runner on one feed."""
 
     cold_start_s: float  # activate + first inference
-    samples_s: list[float]
     stats: LatencyStats
     peak_rss_mb: float | None
     process_id: int  # the process that measured
@@ -101,7 +100,7 @@ def _measure_here(make_runner: Callable[[], Runner], feed: dict[str, np.ndarray]
                 break
     finally:
         runner.deactivate()
-    return Measurement(cold, samples, summarize(samples), peak_rss_mb(), os.getpid())
+    return Measurement(cold, summarize(samples), peak_rss_mb(), os.getpid())
 
 
 def interleaved(runner_a: Runner, runner_b: Runner, feed_a: dict[str, np.ndarray],

@@ -20,7 +20,6 @@ import numpy as np
 
 from export import export_onnx
 from odconv_deploy.model_source import load_model, static_twin_of
-from odconv_deploy.runners import OnnxRuntimeRunner
 
 
 def op_type_profile(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: int
@@ -71,12 +70,8 @@ def main() -> None:
         result = export_onnx(item.model, Path(work) / "m.onnx", strategy=args.strategy,
                              dynamic_batch=not args.static_batch, io_spec=loaded.io_spec,
                              target="ort")
-        runner = OnnxRuntimeRunner(result.path)
         (name,) = result.input_names
         feed = {name: loaded.io_spec.sample_inputs(1)[0].numpy()}
-        with runner:  # warm-up outside the profile
-            for _ in range(3):
-                runner.infer(feed)
         ms, nodes, slowest = op_type_profile(result.path, feed, args.runs)
     print(f"{item.name} ({'static' if args.static else args.strategy}), "
           f"layers {result.options.get('layer_strategies')}, 1 thread, mean of {args.runs} runs")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from odconv_deploy._atomic import atomic_output, check_writable
+from odconv_deploy.status import Status
 from runtime_bench.bench import BenchReport, BenchRow
 
 CSV_FIELDS = ("model", "role", "backend", "batch", "threads", "resolution", "strategy", "status",
@@ -57,7 +58,7 @@ def to_markdown(report: BenchReport) -> str:
              "GFLOP/s | % peak | floor ms | ratio to static |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
-        if r.status != "ok":
+        if r.status is not Status.OK:
             lines.append(f"| {r.model} | {r.backend} | {r.batch} | {r.threads} | "
                          f"{r.status}: {r.reason[:90]} | | | | | | | |")
             continue
@@ -81,7 +82,7 @@ def _plots(report: BenchReport, out: Path, overwrite: bool) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in report.rows if r.status == "ok"]
+    ok = [r for r in report.rows if r.status is Status.OK]
     if not ok:
         return []
     written = []

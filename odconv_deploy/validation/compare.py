@@ -11,10 +11,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from odconv_deploy.status import Status
+from odconv_deploy.tolerance import within_tolerance
+
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass rule: ``max|cand - ref| <= atol + rtol * max|ref|`` and ``cosine >= min_cosine``.
+    """Pass rule: ``max|cand - ref| <= max(atol, rtol * max|ref|)`` and ``cosine >= min_cosine``.
+
+    The first half is the project's one rule (:mod:`odconv_deploy.tolerance`).
 
     Defaults per precision live in :data:`DEFAULT_TOLERANCES`; every field is keyword-only.
     """
@@ -26,7 +31,7 @@ class Tolerance:
     @property
     def rule(self) -> str:
         """The rule in words, for reports."""
-        return (f"max|err| <= {self.atol:g} + {self.rtol:g}*max|ref| and "
+        return (f"max|err| <= max({self.atol:g}, {self.rtol:g}*max|ref|) and "
                 f"cosine >= {self.min_cosine:g}")
 
 
@@ -76,6 +81,11 @@ class Comparison:
         """True when the runner ran and every output passed."""
         return self.error is None and all(self.outputs)
 
+    @property
+    def status(self) -> Status:
+        """``ok`` when passed, else ``failed`` (see ``error`` and each output's ``reason``)."""
+        return Status.OK if self.passed else Status.FAILED
+
     def __bool__(self) -> bool:
         return self.passed
 
@@ -84,6 +94,7 @@ class Comparison:
         data = asdict(self)
         data["tolerance"] = {**asdict(self.tolerance), "rule": self.tolerance.rule}
         data["passed"] = self.passed
+        data["status"] = self.status.value
         return data
 
 
@@ -124,9 +135,9 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tole
     if non_finite or not np.isfinite(ref).all():
         result.reason = (f"{non_finite} non-finite values in the output" if non_finite
                          else "the reference itself has non-finite values")
-    elif not max_abs <= tolerance.atol + tolerance.rtol * ref_max:
-        result.reason = (f"max|err| {max_abs:.3e} > {tolerance.atol:g} + {tolerance.rtol:g} * "
-                         f"{ref_max:.3e}")
+    elif not within_tolerance(max_abs, ref_max, rtol=tolerance.rtol, atol=tolerance.atol):
+        result.reason = (f"max|err| {max_abs:.3e} > max({tolerance.atol:g}, {tolerance.rtol:g} * "
+                         f"{ref_max:.3e})")
     elif not result.cosine >= tolerance.min_cosine:
         result.reason = f"cosine {result.cosine:.6f} < {tolerance.min_cosine:g}"
     else:

@@ -11,6 +11,7 @@ import numpy as np
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.runners.base import Runner
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
+from odconv_deploy.status import Status
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES, Comparison, Tolerance, compare
 from odconv_deploy.validation.inputs import feed_issues, image_folder_feed, seeded_feed
 
@@ -24,7 +25,6 @@ class Candidate:
     runner: Runner
     precision: str = "fp32"
     tolerance: Tolerance | None = None
-    artifact: str = ""
 
 
 @dataclass
@@ -41,9 +41,17 @@ class ValidationReport:
         """True when every comparison passed and the inputs were clean (skips do not fail)."""
         return not self.input_issues and all(self.comparisons)
 
+    @property
+    def status(self) -> Status:
+        """``ok`` when passed, ``failed`` otherwise; ``skipped`` when every runner was skipped."""
+        if self.skipped and not self.comparisons and not self.input_issues:
+            return Status.SKIPPED
+        return Status.OK if self.passed else Status.FAILED
+
     def to_dict(self) -> dict[str, object]:
         """JSON-ready view."""
         return {"reference": self.reference, "passed": self.passed,
+                "status": self.status.value,
                 "input_issues": self.input_issues,
                 "skipped": [{"runner": r, "reason": why} for r, why in self.skipped],
                 "comparisons": [c.to_dict() for c in self.comparisons]}
