@@ -20,6 +20,7 @@ from coremltools.converters.mil.mil import get_new_symbol  # noqa: E402
 
 from odconv_deploy.runners.mil import MILExecutor, UnsupportedMILOpError  # noqa: E402
 from odconv_deploy.runners.mil.kernels import _linear_grid  # noqa: E402
+from tests.test_mil_executor import rel_err, run1  # noqa: E402
 
 FP32_TOL = 1e-5  # max|err| <= tol * max|ref|; float32 arithmetic ops
 FP16_TOL = 2e-2
@@ -27,17 +28,6 @@ FP16_TOL = 2e-2
 
 def rand(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
-
-
-def run1(prog, **inputs):
-    (out,) = MILExecutor(prog).run(inputs).values()
-    return out
 
 
 def convert(module, precision, target, shape):

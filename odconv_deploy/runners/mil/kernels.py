@@ -462,17 +462,22 @@ def _pool(ctx: _OpContext, mode: str) -> np.ndarray:
     return total / np.maximum(count, 1.0)
 
 
-def _k_batch_norm(ctx: _OpContext) -> np.ndarray:
-    x = ctx.tensor("x")
-    mean = _channel_param(x, ctx.tensor("mean"))
-    var = _channel_param(x, ctx.tensor("variance"))
-    out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
+def _channel_affine(ctx: _OpContext, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out * gamma + beta`` with the optional per-channel ``gamma`` / ``beta`` of a norm op."""
     gamma, beta = ctx.tensor("gamma", None), ctx.tensor("beta", None)
     if gamma is not None:
         out = out * _channel_param(x, gamma)
     if beta is not None:
         out = out + _channel_param(x, beta)
     return out
+
+
+def _k_batch_norm(ctx: _OpContext) -> np.ndarray:
+    x = ctx.tensor("x")
+    mean = _channel_param(x, ctx.tensor("mean"))
+    var = _channel_param(x, ctx.tensor("variance"))
+    out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
+    return _channel_affine(ctx, x, out)
 
 
 def _k_instance_norm(ctx: _OpContext) -> np.ndarray:
@@ -481,12 +486,7 @@ def _k_instance_norm(ctx: _OpContext) -> np.ndarray:
     mean = x.mean(axis=axes, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
     out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
-    gamma, beta = ctx.tensor("gamma", None), ctx.tensor("beta", None)
-    if gamma is not None:
-        out = out * _channel_param(x, gamma)
-    if beta is not None:
-        out = out + _channel_param(x, beta)
-    return out
+    return _channel_affine(ctx, x, out)
 
 
 def _k_layer_norm(ctx: _OpContext) -> np.ndarray:
