@@ -61,6 +61,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _deprecated(new: str) -> type[argparse.Action]:
+    """An old spelling that still works for one release, with a message naming the new one."""
+    class Deprecated(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: object, option_string: str | None = None) -> None:
+            print(f"odconv-deploy: warning: {option_string} is deprecated and will be removed "
+                  f"in the next release; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+    return Deprecated
+
+
 def _positive_int_list(text: str) -> list[int]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -203,7 +214,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for _, path in given:
         if not Path(path).exists():
             raise ODConvDeployError(f"Artifact {path} does not exist.")
-    batches = args.batches or ([args.batch_size] if args.static_batch else [1, 3])
+    batches = args.batch or ([args.batch_size] if args.static_batch else [1, 3])
     with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp, \
             _quiet(console, args.out) as log:
         loaded = _load(args, console)
@@ -402,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="formats to export and validate when no artifact is given "
                    f"({formats_help})")
     p.add_argument("--out", default=None, help="keep exported artifacts here (default: temp)")
-    p.add_argument("--batches", type=_positive_int_list, default=None,
+    p.add_argument("--batch", type=_positive_int_list, default=None,
                    help="batch sizes to compare (default: 1,3; with --static-batch the fixed "
                    "batch)")
+    p.add_argument("--batches", type=_positive_int_list, dest="batch", help=argparse.SUPPRESS,
+                   action=_deprecated("--batch"))
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random inputs")
     p.add_argument("--images", default=None, help="folder of images to use as inputs")
     exported_set_args(p)

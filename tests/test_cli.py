@@ -89,7 +89,7 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
     assert nchwc_convs == int(layers["ort_nchwc"]) >= 10
     capsys.readouterr()
     assert main(["validate", *model, "--onnx", str(tmp_path / "od_mobilenetv2_050.onnx"),
-                 "--batches", "1", "--static-batch"]) == 0
+                 "--batch", "1", "--static-batch"]) == 0
     assert "FAIL" not in capsys.readouterr().out
     # validate exports such a set itself, here with batch 2 baked in, and compares batch 2
     assert main(["validate", *model, "--formats", "onnx", "--static-batch", "--batch-size", "2",
@@ -102,3 +102,13 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
 def test_validate_cli_refuses_a_batch_size_without_static_batch(capsys):
     assert main(["validate", "--model", "od_tinynet", "--batch-size", "2"]) == 3
     assert "batch_size=2 fixes the batch" in capsys.readouterr().err
+
+
+def test_old_spelling_batches_still_works_and_names_the_new_one(tmp_path, capsys):
+    args = ["validate", "--model", "od_tinynet", "--kernel-num", "1", "--formats", "onnx"]
+    assert main(args + ["--batches", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "--batches is deprecated" in captured.err and "use --batch" in captured.err
+    assert "| ort onnx (opt full) | 2 |" in captured.out
+    assert main(args + ["--batch", "2"]) == 0
+    assert "deprecated" not in capsys.readouterr().err

@@ -59,7 +59,7 @@ def test_every_command_on_every_zoo_model(tmp_path, capsys, name):
     commands = [
         ["convert", *_smoke_args(name), "--out", str(deploy)],
         ["export", "--model", str(deploy), "--formats", "onnx", "--out", str(tmp_path / "export")],
-        ["validate", "--model", str(deploy), "--onnx", str(onnx_file), "--batches", "2"],
+        ["validate", "--model", str(deploy), "--onnx", str(onnx_file), "--batch", "2"],
         ["bench", "--model", str(deploy), "--backends", "torch", "--iterations", "1",
          "--warmup", "0", "--out", str(tmp_path / "bench")],
         ["run", "--model", str(deploy), "--formats", "onnx", "--backends", "torch", "--quick",

@@ -135,7 +135,7 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
                     cand.runner.name, 0, tolerance,
                     error=f"takes none of the batch sizes tried {tuple(batches)} (its inputs "
                           f"have batch {fixed[0] if fixed else '?'}), so nothing was compared. "
-                          "Note: validate with that batch size (batches=... / --batches)."))
+                          "Note: validate with that batch size (batches=... / --batch)."))
             for batch, feed in feeds.items():
                 if batch not in taken:
                     continue
