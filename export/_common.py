@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import enum
-import importlib.metadata
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from odconv_deploy._version import __version__
+from odconv_deploy._version import package_versions
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
@@ -100,14 +98,8 @@ class ExportResult:
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
-    """Installed versions of ``packages`` plus odconv-deploy and torch."""
-    versions = {"odconv_deploy": __version__, "torch": torch.__version__}
-    for package in packages:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    """Installed versions of ``packages`` plus odconv-deploy and torch (the one stamp)."""
+    return package_versions(*packages)
 
 
 def path_size(path: Path) -> int:

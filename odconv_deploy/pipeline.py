@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import odconv_deploy
 from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
@@ -121,7 +120,7 @@ def environment() -> dict[str, str]:
     """Machine and library versions stamped into reports."""
     from runtime_bench.probe import machine_info
 
-    return {"odconv_deploy": odconv_deploy.__version__, **machine_info(),
+    return {**machine_info(),
             "platform": platform.platform(), "torch_threads": str(torch.get_num_threads())}
 
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from odconv_deploy._version import package_versions
+
 
 @dataclass(frozen=True)
 class MachineProbe:
@@ -53,8 +55,6 @@ def probe_machine(threads: int = 1, *, size: int = 1024, read_mb: int = 256,
 
 def machine_info() -> dict[str, str]:
     """CPU, cores and library versions, stamped into every result."""
-    import importlib.metadata
-
     cpu, flags = platform.processor() or "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -72,9 +72,4 @@ def machine_info() -> dict[str, str]:
             "machine": platform.machine(),
             "system": platform.system(), "python": platform.python_version(),
             "numpy": np.__version__}
-    for package in ("torch", "onnxruntime", "executorch", "coremltools", "onnx"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = "not installed"
-    return info
+    return {**info, **package_versions("onnxruntime", "executorch", "coremltools", "onnx")}
