@@ -23,6 +23,7 @@ from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import DIGITS_MODEL, LoadedModel, load_model
 from odconv_deploy.status import Status
+from odconv_deploy.tables import markdown_table
 from odconv_deploy.tolerance import within_tolerance
 
 #: float32 whole-model tolerance of train form vs deploy form (relative to max |logit|).
@@ -106,9 +107,9 @@ class PipelineReport:
                  f"Verdict: **{'OK' if self.ok else 'FAILED'}** ({total:.0f} s). "
                  f"Strategy `{self.strategy}`; formats {', '.join(o.formats)}; benchmark "
                  f"backends {', '.join(o.backends)}.", "",
-                 "| step | status | seconds | detail |", "|---|---|---|---|"]
-        lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail} |"
-                  for s in self.steps]
+                 *markdown_table(["step", "status", "seconds", "detail"],
+                                 [(s.name, s.status, f"{s.seconds:.1f}", s.detail)
+                                  for s in self.steps])]
         for title, body in self.sections.items():
             lines += ["", f"## {title}", "", body.rstrip()]
         lines += ["", "## Environment", ""]
@@ -218,10 +219,10 @@ class _Pipeline:
             stem=self.loaded.name, conversions=self.conversions,
             io_spec=self.loaded.io_spec, overwrite=self.o.overwrite,
             progress=lambda s: self.progress(f"    {s}"))
-        rows = ["| format | file | MB | detail |", "|---|---|---|---|"]
+        rows: list[list[object]] = []
         for r in self.exports:
             if not r.ok:
-                rows.append(f"| {r.format.value} | - | - | FAILED: {r.error} |")
+                rows.append([r.format.value, "-", "-", f"FAILED: {r.error}"])
                 continue
             extra = "; ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in r.details.items()
@@ -230,10 +231,11 @@ class _Pipeline:
             if r.options.get("layer_strategies"):
                 layers = f"layers: {format_layer_strategies(r.options['layer_strategies'])}"
                 extra = f"{extra}; {layers}" if extra else layers
-            rows.append(f"| {r.format.value} | `{r.path.name}` | "
-                        f"{r.file_size_bytes / 1e6:.1f} | {extra} |")
-            rows += [f"| | | | note: {n} |" for n in r.notes]
-        self.report.sections["Artifacts"] = "\n".join(rows)
+            rows.append([r.format.value, f"`{r.path.name}`", f"{r.file_size_bytes / 1e6:.1f}",
+                         extra])
+            rows += [["", "", "", f"note: {n}"] for n in r.notes]
+        self.report.sections["Artifacts"] = "\n".join(
+            markdown_table(["format", "file", "MB", "detail"], rows))
         failed = [r.format.value for r in self.exports if not r.ok]
         data = {"artifacts": [r.to_dict() for r in self.exports]}
         if failed:
@@ -262,12 +264,11 @@ class _Pipeline:
                                                             io_spec=spec),
                                   test.images, test.labels, batch=8)
             data["accuracy"] = [asdict(r) for r in rows]
-            section += ("\n### Test accuracy (sklearn digits, 360 images)\n\n"
-                        "| runner | accuracy | agreement with PyTorch |\n|---|---|---|\n")
-            section += "\n".join(
-                f"| {r.runner} | {'-' if r.accuracy is None else f'{r.accuracy:.4f}'} | "
-                f"{'-' if r.agreement is None else f'{r.agreement:.4f}'} |"
-                + (f" skipped: {r.skipped}" if r.skipped else "") for r in rows)
+            section += "\n### Test accuracy (sklearn digits, 360 images)\n\n" + "\n".join(
+                markdown_table(["runner", "accuracy", "agreement with PyTorch", "note"],
+                               [(r.runner, "-" if r.accuracy is None else f"{r.accuracy:.4f}",
+                                 "-" if r.agreement is None else f"{r.agreement:.4f}",
+                                 f"skipped: {r.skipped}" if r.skipped else "") for r in rows]))
         self.report.sections["Validation"] = section
         checks = len(report.comparisons)
         failed = [f"{c.runner} b{c.batch}" for c in report.comparisons if not c]

@@ -28,6 +28,7 @@ from odconv_deploy.detect import inspect_odconv
 from odconv_deploy.layers import LAYER_FORMS, ODConv2d
 from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
 from odconv_deploy.runners import ExecuTorchRunner, OnnxRuntimeRunner
+from odconv_deploy.tables import markdown_table
 from runtime_bench.probe import machine_info
 
 #: (channels, input size, stride) of od_mobilenetv2_100's 3x3 depthwise layers (distinct ones).
@@ -115,11 +116,10 @@ def main() -> None:
     lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, {machine['isa']}); 1 thread, "
              f"batch 1, kernel_num 4, median of {args.iterations} alternating runs (ms); - : "
              "form not available on that backend.", "",
-             "| backend | channels | size | stride | " + " | ".join(columns) + " |",
-             "|---|---|---|---|" + "---|" * len(columns)]
-    lines += [f"| {r['backend']} | {r['channels']} | {r['size']} | {r['stride']} | "
-              + " | ".join(cell(r, f) for f in columns) + " |"
-              for r in sorted(records, key=lambda r: r["backend"])]
+             *markdown_table(["backend", "channels", "size", "stride", *columns],
+                             [[r["backend"], r["channels"], r["size"], r["stride"],
+                               *(cell(r, f) for f in columns)]
+                              for r in sorted(records, key=lambda r: r["backend"])])]
     with atomic_output(args.out / "depthwise_forms.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps({"machine": machine, "iterations": args.iterations,
                                    "records": records}, indent=2))

@@ -20,6 +20,7 @@ import numpy as np
 
 from export import export_onnx
 from odconv_deploy.model_source import load_model, static_twin_of
+from odconv_deploy.tables import markdown_table
 
 
 def op_type_profile(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: int
@@ -75,13 +76,14 @@ def main() -> None:
         ms, nodes, slowest = op_type_profile(result.path, feed, args.runs)
     print(f"{item.name} ({'static' if args.static else args.strategy}), "
           f"layers {result.options.get('layer_strategies')}, 1 thread, mean of {args.runs} runs")
-    print("| op type | ms per run | nodes |\n|---|---|---|")
-    for op, t in ms.items():
-        print(f"| {op} | {t:.2f} | {nodes[op]} |")
-    print(f"| total | {sum(ms.values()):.2f} | {sum(nodes.values())} |")
-    print(f"\nslowest {args.top} nodes\n| ms per run | op type | input shapes |\n|---|---|---|")
-    for t, op, shapes in slowest[:args.top]:
-        print(f"| {t:.2f} | {op} | {shapes} |")
+    print("\n".join(markdown_table(
+        ["op type", "ms per run", "nodes"],
+        [*((op, f"{t:.2f}", nodes[op]) for op, t in ms.items()),
+         ("total", f"{sum(ms.values()):.2f}", sum(nodes.values()))])))
+    print(f"\nslowest {args.top} nodes")
+    print("\n".join(markdown_table(["ms per run", "op type", "input shapes"],
+                                   [(f"{t:.2f}", op, shapes)
+                                    for t, op, shapes in slowest[:args.top]])))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.model_source import load_model
+from odconv_deploy.tables import markdown_table
 from runtime_bench.bench import BenchConfig, benchmark
 from runtime_bench.measure import MeasureSettings
 from runtime_bench.probe import machine_info
@@ -115,21 +116,23 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
              "Ratio = median of interleaved A/B rounds (ODConv deploy graph / static twin), "
              "IQR in brackets; latencies are per batch; met = upper quartile of the ratio "
              "within the target; ONNX Runtime with 2 threads runs without spin-waiting pool "
-             "threads (both models).", "",
-             "| graph | runtime | batch | strategy (batch axis) | threads | ODConv ms | static ms "
-             "| ratio | target | met | floor ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "threads (both models).", ""]
+    rows: list[list[object]] = []
     for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],
                                             r["strategy"] != "im2col")):
-        head = (f"| {r['model']} k={r['kernel_num']} | {r['backend']} | {r['batch']} | "
-                f"{r['strategy']} ({r['batch_axis']}) | {r['threads']}")
+        head = [f"{r['model']} k={r['kernel_num']}", r["backend"], r["batch"],
+                f"{r['strategy']} ({r['batch_axis']})", r["threads"]]
         if r["status"] != "ok":
-            lines.append(f"{head} | {r['status']}: {str(r['reason'])[:80]} | | | "
-                         f"{r['target_ratio']} | no | |")
+            rows.append([*head, f"{r['status']}: {str(r['reason'])[:80]}", "", "",
+                         r["target_ratio"], "no", ""])
             continue
-        lines.append(
-            f"{head} | {r['odconv_median_ms']:.1f} | {r['static_median_ms']:.1f} | "
-            f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}-{r['ratio_q75']:.2f}) | "
-            f"<= {r['target_ratio']} | {'yes' if r['met'] else 'no'} | {r['floor_ms']:.1f} |")
+        rows.append([*head, f"{r['odconv_median_ms']:.1f}", f"{r['static_median_ms']:.1f}",
+                     f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}-{r['ratio_q75']:.2f})",
+                     f"<= {r['target_ratio']}", "yes" if r["met"] else "no",
+                     f"{r['floor_ms']:.1f}"])
+    lines += markdown_table(["graph", "runtime", "batch", "strategy (batch axis)", "threads",
+                             "ODConv ms", "static ms", "ratio", "target", "met", "floor ms"],
+                            rows)
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.status import Status
+from odconv_deploy.tables import markdown_table
 from runtime_bench.bench import BenchReport, BenchRow
 
 CSV_FIELDS = ("model", "role", "backend", "batch", "threads", "resolution", "strategy", "status",
@@ -54,23 +55,22 @@ def to_markdown(report: BenchReport) -> str:
              "without spin-waiting pool threads.",
              "Probes: " + "; ".join(f"{t} thread(s): sgemm {p.sgemm_gflops:.0f} GFLOP/s, read "
                                     f"{p.read_gbps:.1f} GB/s" for t, p in report.probes.items()),
-             "", "| model | backend | batch | threads | median ms | IQR ms | p90 ms | img/s | "
-             "GFLOP/s | % peak | floor ms | ratio to static |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    rows: list[list[object]] = []
     for r in report.rows:
         if r.status is not Status.OK:
-            lines.append(f"| {r.model} | {r.backend} | {r.batch} | {r.threads} | "
-                         f"{r.status}: {r.reason[:90]} | | | | | | | |")
+            rows.append([r.model, r.backend, r.batch, r.threads, f"{r.status}: {r.reason[:90]}"])
             continue
         ratio = r.ratio_to_static
         ratio_txt = (f"{ratio['ratio_median']:.2f} ({ratio['ratio_q25']:.2f}-"
                      f"{ratio['ratio_q75']:.2f})" if ratio else "-")
-        lines.append(
-            f"| {r.model} | {r.backend} | {r.batch} | {r.threads} | "
-            f"{r.latency['median_ms']:.2f} | {r.latency['iqr_ms']:.2f} | "
-            f"{r.latency['p90_ms']:.2f} | {_fmt(r.throughput_ips, '.1f')} | "
-            f"{_fmt(r.achieved_gflops, '.1f')} | {_fmt(r.pct_of_gemm_peak, '.0f')} | "
-            f"{_fmt(r.floor_ms, '.2f')} | {ratio_txt} |")
+        rows.append([r.model, r.backend, r.batch, r.threads, f"{r.latency['median_ms']:.2f}",
+                     f"{r.latency['iqr_ms']:.2f}", f"{r.latency['p90_ms']:.2f}",
+                     _fmt(r.throughput_ips, ".1f"), _fmt(r.achieved_gflops, ".1f"),
+                     _fmt(r.pct_of_gemm_peak, ".0f"), _fmt(r.floor_ms, ".2f"), ratio_txt])
+    lines += markdown_table(["model", "backend", "batch", "threads", "median ms", "IQR ms",
+                             "p90 ms", "img/s", "GFLOP/s", "% peak", "floor ms",
+                             "ratio to static"], rows)
     return "\n".join(lines) + "\n"
 
 

@@ -180,3 +180,14 @@ def test_depthwise_forms_build_the_layer_asked_for():
     assert isinstance(build("depthwise_taps", 8, 1, seed=0), DepthwiseTapsODConv2d)
     static = build("static", 8, 2, seed=0)
     assert static.groups == 8 and static.stride == (2, 2)
+
+
+def test_perf_targets_table_is_rebuilt_from_its_committed_json():
+    from pathlib import Path
+
+    from runtime_bench.perf_targets import to_markdown as targets_markdown
+
+    results = Path(__file__).resolve().parents[1] / "runtime_bench" / "results"
+    data = json.loads((results / "perf_targets.json").read_text())
+    assert targets_markdown(data["records"], data["machine"]) == (
+        results / "perf_targets.md").read_text()

@@ -29,6 +29,7 @@ LAYERS = [
     ("odconv_deploy.errors", 0), ("odconv_deploy._atomic", 0), ("odconv_deploy.io_spec", 0),
     ("odconv_deploy.outputs", 0), ("odconv_deploy.console", 0), ("odconv_deploy._version", 0),
     ("odconv_deploy.status", 0), ("odconv_deploy.tolerance", 0),
+    ("odconv_deploy.tables", 0),
     ("odconv_deploy.layers", 1), ("odconv_deploy.fusion", 1),
     ("odconv_deploy.detect", 2), ("odconv_deploy.models", 2), ("odconv_deploy.synthetic", 2),
     ("odconv_deploy.checkpoint", 2), ("odconv_deploy.complexity", 2),

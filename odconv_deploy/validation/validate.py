@@ -12,6 +12,7 @@ from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.runners.base import Runner
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
 from odconv_deploy.status import Status
+from odconv_deploy.tables import markdown_table
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES, Comparison, Tolerance, compare
 from odconv_deploy.validation.inputs import feed_issues, image_folder_feed, seeded_feed
 
@@ -62,19 +63,18 @@ class ValidationReport:
 
     def to_markdown(self) -> str:
         """A readable table: one row per runner, batch and output."""
-        lines = [f"Reference: {self.reference}", "",
-                 "| runner | batch | output | max abs | max rel | cosine | SQNR dB | top-1 | "
-                 "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for c in self.comparisons:
             if c.error:
-                lines.append(f"| {c.runner} | {c.batch} | - | - | - | - | - | - | "
-                             f"FAILED: {c.error} |")
+                rows.append([c.runner, c.batch, *["-"] * 6, f"FAILED: {c.error}"])
             for o in c.outputs:
                 top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}"
                 verdict = "pass" if o.passed else f"FAILED: {o.reason}"
-                lines.append(f"| {c.runner} | {c.batch} | {o.name} | {o.max_abs:.2e} | "
-                             f"{o.max_rel:.2e} | {o.cosine:.6f} | {o.sqnr_db:.1f} | {top1} | "
-                             f"{verdict} |")
+                rows.append([c.runner, c.batch, o.name, f"{o.max_abs:.2e}", f"{o.max_rel:.2e}",
+                             f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", top1, verdict])
+        lines = [f"Reference: {self.reference}", "", *markdown_table(
+            ["runner", "batch", "output", "max abs", "max rel", "cosine", "SQNR dB", "top-1",
+             "verdict"], rows)]
         lines += [f"- input issue: {i}" for i in self.input_issues]
         lines += [f"- skipped {r}: {why}" for r, why in self.skipped]
         return "\n".join(lines) + "\n"
