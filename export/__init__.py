@@ -5,15 +5,9 @@ One module per format, each a function returning an :class:`ExportResult`:
 :func:`export_executorch`. :func:`export_formats` runs several and records failures.
 """
 
-from export._common import (
-    ExportError,
-    ExportFormat,
-    ExportResult,
-    artifact_result,
-    format_layer_strategies,
-    prepare_model,
-)
 from export.formats import FORMAT_NAMES, FORMATS, FormatInfo, format_info, parse_formats
+from export.prepare import format_layer_strategies, prepare_model
+from export.result import ExportError, ExportFormat, ExportResult, artifact_result
 from export.run import export_formats
 from export.simplify import simplify_onnx
 from export.to_coreml import export_coreml

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export._common import ExportError, ExportFormat, ExportResult
+from export.result import ExportError, ExportFormat, ExportResult
 from odconv_deploy.runners import (
     CoreMLRunner,
     ExecuTorchRunner,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from export._common import ExportError, ExportFormat, ExportResult, fspath, root_cause
 from export.formats import FORMATS, with_sources
+from export.result import ExportError, ExportFormat, ExportResult, fspath, root_cause
 from export.simplify import simplify_onnx
 from export.to_coreml import export_coreml
 from export.to_executorch import export_executorch

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from export._common import (
+from export.result import (
     ExportError,
     ExportFormat,
     ExportResult,

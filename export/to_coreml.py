@@ -10,15 +10,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from export._common import (
+from export.prepare import format_layer_strategies, prepare_model, require_dynamic_batch_support
+from export.result import (
     ExportError,
     ExportFormat,
     ExportResult,
-    format_layer_strategies,
     fspath,
     path_size,
-    prepare_model,
-    require_dynamic_batch_support,
     root_cause,
     spec_shapes,
     tool_versions,

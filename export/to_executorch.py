@@ -11,14 +11,13 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 
-from export._common import (
+from export.prepare import prepare_model, require_dynamic_batch_support
+from export.result import (
     ExportError,
     ExportFormat,
     ExportResult,
     fspath,
     path_size,
-    prepare_model,
-    require_dynamic_batch_support,
     root_cause,
     spec_shapes,
     tool_versions,

@@ -10,22 +10,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export._common import (
-    ExportError,
-    ExportFormat,
-    ExportResult,
+from export.nchwc_graph import count_unblocked_convs, rewrite_nchwc_convs
+from export.prepare import (
     PreparedModel,
     check_batch_size,
     format_layer_strategies,
-    fspath,
     nchwc_block_of,
-    path_size,
     prepare_model,
     require_dynamic_batch_support,
+)
+from export.result import (
+    ExportError,
+    ExportFormat,
+    ExportResult,
+    fspath,
+    path_size,
     root_cause,
     tool_versions,
 )
-from export.nchwc_graph import count_unblocked_convs, rewrite_nchwc_convs
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from export._common import (
+from export.result import (
     ExportError,
     ExportFormat,
     ExportResult,

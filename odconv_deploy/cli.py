@@ -174,7 +174,7 @@ def _cmd_convert(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from export import export_formats, parse_formats
-    from export._common import check_batch_size
+    from export.prepare import check_batch_size
 
     check_batch_size(args.batch_size, not args.static_batch)  # before any work
     formats = parse_formats(args.formats)
@@ -197,7 +197,7 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from export import ExportFormat, artifact_result, export_formats, parse_formats
-    from export._common import check_batch_size
+    from export.prepare import check_batch_size
     from export.validation import validate_artifacts
     from odconv_deploy._atomic import atomic_output, check_writable
 
