@@ -809,6 +809,21 @@ def _static_dims(var: Var, n: int) -> list[int] | None:
     return [int(d) for d in dims] if len(dims) == n and all(map(_is_int_dim, dims)) else None
 
 
+def _upsampled_sizes(ctx: _OpContext, op: str, sizes: Sequence[int] | None
+                     ) -> list[tuple[str, int, int]] | None:
+    """``(axis, in, out)`` for height and width from the op's scale factors (None: unknown)."""
+    scales = [_scale_value(ctx, "scale_factor_height"), _scale_value(ctx, "scale_factor_width")]
+    if sizes is None:
+        return None
+    sized = []
+    for axis, n_in, scale in zip(("height", "width"), sizes, scales, strict=True):
+        n_out = _scaled_size(n_in, scale)
+        if n_out <= 0:
+            raise MILExecutionError(f"{op}: scale {scale} maps {axis} {n_in} to {n_out}")
+        sized.append((axis, n_in, n_out))
+    return sized
+
+
 def _upsample_nearest_indices(ctx: _OpContext, sizes: Sequence[int] | None
                               ) -> list[np.ndarray] | None:
     """Source rows/cols of ``upsample_nearest_neighbor`` for input sizes ``(H, W)``.
@@ -821,17 +836,11 @@ def _upsample_nearest_indices(ctx: _OpContext, sizes: Sequence[int] | None
     half-pixel centers); that test is marked failing on the GPU (rdar://97398448), so a GPU
     may pick other rows for fractional scales.
     """
-    scales = [_scale_value(ctx, "scale_factor_height"), _scale_value(ctx, "scale_factor_width")]
-    if sizes is None:
+    sized = _upsampled_sizes(ctx, "upsample_nearest_neighbor", sizes)
+    if sized is None:
         return None
-    out = []
-    for axis, n_in, scale in zip(("height", "width"), sizes, scales, strict=True):
-        n_out = _scaled_size(n_in, scale)
-        if n_out <= 0:
-            raise MILExecutionError(f"upsample_nearest_neighbor: scale {scale} maps {axis} "
-                                    f"{n_in} to {n_out}")
-        out.append(_nearest_indices("upsample_nearest_neighbor", axis, n_in, n_out, False))
-    return out
+    return [_nearest_indices("upsample_nearest_neighbor", axis, n_in, n_out, False)
+            for axis, n_in, n_out in sized]
 
 
 def _k_upsample_nearest_neighbor(ctx: _OpContext) -> np.ndarray:
@@ -858,15 +867,11 @@ def _upsample_bilinear_mode(ctx: _OpContext) -> str:
 def _upsample_bilinear_grids(ctx: _OpContext, sizes: Sequence[int] | None
                              ) -> list[np.ndarray] | None:
     mode = _upsample_bilinear_mode(ctx)
-    scales = [_scale_value(ctx, "scale_factor_height"), _scale_value(ctx, "scale_factor_width")]
-    if sizes is None:
+    sized = _upsampled_sizes(ctx, "upsample_bilinear", sizes)
+    if sized is None:
         return None
     grids = []
-    for axis, n_in, scale in zip(("height", "width"), sizes, scales, strict=True):
-        n_out = _scaled_size(n_in, scale)
-        if n_out <= 0:
-            raise MILExecutionError(f"upsample_bilinear: scale {scale} maps {axis} {n_in} to "
-                                    f"{n_out}")
+    for axis, n_in, n_out in sized:
         if mode == "STRICT_ALIGN_CORNERS" and n_out == 1 and n_in > 1:
             raise _refuse("upsample_bilinear", f"align_corners=True with output {axis} 1 "
                           "(spacing (in-1)/(out-1) is undefined)")
