@@ -6,7 +6,7 @@ One module per format, each a function returning an :class:`ExportResult`:
 """
 
 from export.formats import FORMAT_NAMES, FORMATS, FormatInfo, format_info, parse_formats
-from export.prepare import format_layer_strategies, prepare_model
+from export.prepare import format_layer_forms, prepare_model
 from export.result import ExportError, ExportFormat, ExportResult, artifact_result
 from export.run import export_formats
 from export.simplify import simplify_onnx
@@ -25,7 +25,7 @@ __all__ = [
     "ExportResult",
     "artifact_result",
     "format_info",
-    "format_layer_strategies",
+    "format_layer_forms",
     "export_coreml",
     "export_executorch",
     "export_formats",

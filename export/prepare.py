@@ -26,7 +26,7 @@ class PreparedModel:
     strategy: str | None  # None when the model has no ODConv layer; "auto", "mixed" possible
     converted_layers: int
     #: Deploy form -> number of layers that use it.
-    layer_strategies: dict[str, int] = field(default_factory=dict)
+    layer_forms: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_io_spec(model: nn.Module, io_spec: IOSpec | None,
@@ -77,7 +77,7 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
         model, converted = result.model, len(result.layers)
         strategy = result.strategy
     else:
-        strategies = {m.strategy for m in model.modules() if isinstance(m, ODConv2dDeploy)}
+        strategies = {m.form for m in model.modules() if isinstance(m, ODConv2dDeploy)}
         if strategy not in (None, AUTO_STRATEGY) and strategies and strategies != {strategy}:
             raise ExportError(
                 f"The model is already in deploy form with strategy {sorted(strategies)}, not "
@@ -86,18 +86,18 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
         if strategy != AUTO_STRATEGY or not strategies:  # auto: the caller's conversion
             strategy = (None if not strategies else next(iter(strategies))
                         if len(strategies) == 1 else "mixed")
-    layer_strategies = dict(Counter(m.strategy for m in model.modules()
+    layer_forms = dict(Counter(m.form for m in model.modules()
                                     if isinstance(m, ODConv2dDeploy)))
-    if target not in ("onnx", "ort") and OrtNchwcODConv2d.strategy in layer_strategies:
+    if target not in ("onnx", "ort") and OrtNchwcODConv2d.form in layer_forms:
         raise ExportError(
-            f"{name} has {OrtNchwcODConv2d.strategy!r} layers, which only ONNX Runtime runs "
+            f"{name} has {OrtNchwcODConv2d.form!r} layers, which only ONNX Runtime runs "
             f"(its NCHWc CPU kernels); {target} cannot. Note: pass the train-form model "
             "with strategy='auto' to choose each layer's form for this target.")
     try:  # runs the model once and names its outputs (a dict-returning one gets wrapped)
         model, spec = describe_io(model.eval(), name, spec, None)
     except ModelSourceError as exc:
         raise ExportError(str(exc)) from exc
-    return PreparedModel(model, spec, name, strategy, converted, layer_strategies)
+    return PreparedModel(model, spec, name, strategy, converted, layer_forms)
 
 
 def nchwc_block_of(model: nn.Module) -> int | None:
@@ -114,9 +114,9 @@ def nchwc_block_of(model: nn.Module) -> int | None:
     return next(iter(blocks), None)
 
 
-def format_layer_strategies(layer_strategies: dict[str, int]) -> str:
+def format_layer_forms(layer_forms: dict[str, int]) -> str:
     """``"dynamic_weight:17,im2col:35"`` (sorted), or ``"none"``: for artifact metadata."""
-    return ",".join(f"{k}:{v}" for k, v in sorted(layer_strategies.items())) or "none"
+    return ",".join(f"{k}:{v}" for k, v in sorted(layer_forms.items())) or "none"
 
 
 def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
@@ -129,7 +129,7 @@ def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
     Raises:
         ExportError: Some layer's strategy cannot take a dynamic batch.
     """
-    fixed = sorted({m.strategy for m in prepared.model.modules()
+    fixed = sorted({m.form for m in prepared.model.modules()
                     if isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch})
     if fixed:
         raise ExportError(

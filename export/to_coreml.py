@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from export.prepare import format_layer_strategies, prepare_model, require_dynamic_batch_support
+from export.prepare import format_layer_forms, prepare_model, require_dynamic_batch_support
 from export.result import (
     ExportError,
     ExportFormat,
@@ -151,7 +151,7 @@ def export_coreml(
         mlmodel.output_description[t.name] = f"{t.name} {list(t.shape[1:])} per sample"
     mlmodel.user_defined_metadata.update(
         {"model": prepared.name, "strategy": prepared.strategy or "none",
-         "layer_strategies": format_layer_strategies(prepared.layer_strategies),
+         "layer_strategies": format_layer_forms(prepared.layer_forms),
          "precision": precision, **{f"version.{k}": v for k, v in versions.items()}})
     path = fspath(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
@@ -166,7 +166,7 @@ def export_coreml(
         options={"precision": precision, "minimum_deployment_target": minimum_deployment_target,
                  "flexible_batch": flexible_batch, "max_batch": max_batch,
                  "strategy": prepared.strategy,
-                 "layer_strategies": prepared.layer_strategies, "model": prepared.name},
+                 "layer_forms": prepared.layer_forms, "model": prepared.name},
         tool_versions=versions, op_counts=dict(ops),
         details={"max_rank": facts["max_rank"], "convs": len(facts["conv_groups"]),
                  "converted_layers": prepared.converted_layers},

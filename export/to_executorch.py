@@ -188,7 +188,7 @@ def export_executorch(
         file_size_bytes=path_size(path),
         options={"backend": "xnnpack", "dynamic_batch": dynamic_batch, "max_batch": max_batch,
                  "strategy": prepared.strategy,
-                 "layer_strategies": prepared.layer_strategies, "model": prepared.name},
+                 "layer_forms": prepared.layer_forms, "model": prepared.name},
         tool_versions=tool_versions("executorch"),
         op_counts={op: b["delegated"] + b["non_delegated"] for op, b in by_op.items()},
         notes=notes,

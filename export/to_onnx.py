@@ -14,7 +14,7 @@ from export.nchwc_graph import count_unblocked_convs, rewrite_nchwc_convs
 from export.prepare import (
     PreparedModel,
     check_batch_size,
-    format_layer_strategies,
+    format_layer_forms,
     nchwc_block_of,
     prepare_model,
     require_dynamic_batch_support,
@@ -179,7 +179,7 @@ def export_onnx(
         nchwc_convs = _use_nchwc_kernels(proto, block) if block is not None else 0
         meta = {"producer": "odconv-deploy", "model": prepared.name,
                 "strategy": prepared.strategy or "none", "exporter": exporter,
-                "layer_strategies": format_layer_strategies(prepared.layer_strategies),
+                "layer_strategies": format_layer_forms(prepared.layer_forms),
                 **({BLOCK_METADATA_KEY: block} if block is not None else {}),
                 **{f"version.{k}": v for k, v in tool_versions("onnx").items()}}
         del proto.metadata_props[:]
@@ -204,7 +204,7 @@ def export_onnx(
         options={"opset": opset, "dynamic_batch": dynamic_batch, "batch_size": batch_size,
                  "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
                  "target": target, "nchwc_block": block,
-                 "layer_strategies": prepared.layer_strategies,
+                 "layer_forms": prepared.layer_forms,
                  "exporter": exporter, "external_data": external, "model": prepared.name},
         tool_versions=tool_versions("onnx"),
         op_counts=dict(Counter(n.op_type for n in graph.node)),

@@ -164,7 +164,7 @@ def _cmd_convert(args: argparse.Namespace, console: Console) -> int:
                                dynamic_batch=not args.static_batch, overwrite=args.overwrite)
     errors = [layer.max_abs_error for layer in result.layers if layer.max_abs_error is not None]
     console.info(f"converted {len(result.layers)} ODConv layers of {loaded.name} "
-                 f"({loaded.weights}) to '{result.strategy}' {result.layer_strategies}, folded "
+                 f"({loaded.weights}) to '{result.strategy}' {result.layer_forms}, folded "
                  f"{result.folded_bn_count} BatchNorms; worst float64 layer error "
                  f"{max(errors, default=0.0):.2e}; wrote {out}")
     console.info(f"use it with: odconv-deploy export --model {out} --out DIR"

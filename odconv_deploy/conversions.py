@@ -117,10 +117,10 @@ def deploy_checkpoint(loaded: object, result: ConversionResult, *, target: str,
         "name": loaded.name, "weights": loaded.weights, "source": loaded.recipe,
         "io_spec": io_spec_to_dict(loaded.io_spec),
         "strategy": result.strategy, "target": target, "dynamic_batch": dynamic_batch,
-        "layer_strategies": result.layer_strategies,
+        "layer_strategies": result.layer_forms,
         "layers": [asdict(layer) for layer in result.layers],
         # Which deploy class each layer needs to load the deploy state_dict.
-        "layer_forms": {layer.name: layer.strategy for layer in result.layers},
+        "layer_forms": {layer.name: layer.form for layer in result.layers},
         # The layout of ort_nchwc layers' weights (None: no such layer).
         "nchwc_block": next(iter(blocks), None),
         "train_state_dict": loaded.model.state_dict(),
@@ -154,8 +154,16 @@ def restore_conversion(model: nn.Module, data: Mapping[str, object]
         raise ODConvDeployError(
             f"The deploy checkpoint's weights do not fit the converted model "
             f"({str(exc).splitlines()[0]}). Note: convert again with this version.") from exc
-    result.layers = [LayerConversion(**layer) for layer in data["layers"]]
+    result.layers = [LayerConversion(**_renamed(layer)) for layer in data["layers"]]
     return result, target, dynamic_batch
+
+
+def _renamed(layer: Mapping[str, object]) -> dict[str, object]:
+    """A stored layer record with the field names of today (``strategy`` became ``form``)."""
+    record = dict(layer)
+    if "strategy" in record:  # deploy checkpoints written before 0.2
+        record["form"] = record.pop("strategy")
+    return record
 
 
 def save_deploy_checkpoint(path: str | os.PathLike, loaded: object, result: ConversionResult,

@@ -206,13 +206,13 @@ class _Pipeline:
         if not result.layers:
             return (Status.OK, "0 ODConv layers converted (the network has none); exported as is",
                     data)
-        return Status.OK, (f"{len(result.layers)} ODConv layers -> {result.layer_strategies}, "
+        return Status.OK, (f"{len(result.layers)} ODConv layers -> {result.layer_forms}, "
                       f"{result.folded_bn_count} BatchNorms folded; worst layer error (float64) "
                       f"{worst:.1e}; whole model (float32, batch 3) "
                       f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
 
     def export(self) -> StepOutcome:
-        from export import export_formats, format_layer_strategies, parse_formats
+        from export import export_formats, format_layer_forms, parse_formats
 
         self.exports = export_formats(
             self.loaded.model, self.out / "artifacts", parse_formats(",".join(self.o.formats)),
@@ -228,8 +228,8 @@ class _Pipeline:
                               for k, v in r.details.items()
                               if k in ("nodes_before", "nodes_after", "max_rank",
                                        "conv_matmul_macs_delegated_share", "max_batch_planned"))
-            if r.options.get("layer_strategies"):
-                layers = f"layers: {format_layer_strategies(r.options['layer_strategies'])}"
+            if r.options.get("layer_forms"):
+                layers = f"layers: {format_layer_forms(r.options['layer_forms'])}"
                 extra = f"{extra}; {layers}" if extra else layers
             rows.append([r.format.value, f"`{r.path.name}`", f"{r.file_size_bytes / 1e6:.1f}",
                          extra])

@@ -31,7 +31,7 @@ class LayerConversion:
     """What happened to one ODConv layer."""
 
     name: str
-    strategy: str
+    form: str
     folded_bn: str | None
     max_abs_error: float | None  # float64 check; None when verification was off
     reference_scale: float | None
@@ -46,9 +46,9 @@ class ConversionResult:
     layers: list[LayerConversion] = field(default_factory=list)
 
     @property
-    def layer_strategies(self) -> dict[str, int]:
+    def layer_forms(self) -> dict[str, int]:
         """How many layers took each deploy form."""
-        return dict(Counter(layer.strategy for layer in self.layers))
+        return dict(Counter(layer.form for layer in self.layers))
 
     @property
     def folded_bn_count(self) -> int:
@@ -170,7 +170,7 @@ def verify_layer(original: nn.Module, bn: nn.Module | None, deploy: ODConv2dDepl
     scale = expected.abs().max().item()
     if not within_tolerance(error, scale, rtol=rtol, atol=rtol):
         raise ConversionError(
-            f"{name}: deploy form ({deploy.strategy}) differs from the original layer by "
+            f"{name}: deploy form ({deploy.form}) differs from the original layer by "
             f"max |err| = {error:.3e} (reference max |y| = {scale:.3e}, allowed "
             f"{rtol:g} relative) in float64. Note: the layer has the ODConv structure but "
             f"its forward computes something else; it cannot be converted exactly."
@@ -242,7 +242,7 @@ def convert_model(
         deploy = deploy_form(spec, None)
         err = verify_layer(model, None, deploy, spec.name) if verify else (None, None)
         return ConversionResult(deploy, strategy,
-                                [LayerConversion(spec.name, deploy.strategy, None, *err)])
+                                [LayerConversion(spec.name, deploy.form, None, *err)])
     bn_for = find_following_batchnorms(model, [n for n, _ in layers]) if fold_bn else {}
     result = ConversionResult(model, strategy)
     for name, layer in layers:
@@ -254,7 +254,7 @@ def convert_model(
         _set_submodule(model, name, deploy)
         if bn_name:
             _set_submodule(model, bn_name, nn.Identity())
-        result.layers.append(LayerConversion(name, deploy.strategy, bn_name, *err))
+        result.layers.append(LayerConversion(name, deploy.form, bn_name, *err))
     return result
 
 

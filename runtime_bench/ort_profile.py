@@ -75,7 +75,7 @@ def main() -> None:
         feed = {name: loaded.io_spec.sample_inputs(1)[0].numpy()}
         ms, nodes, slowest = op_type_profile(result.path, feed, args.runs)
     print(f"{item.name} ({'static' if args.static else args.strategy}), "
-          f"layers {result.options.get('layer_strategies')}, 1 thread, mean of {args.runs} runs")
+          f"layers {result.options.get('layer_forms')}, 1 thread, mean of {args.runs} runs")
     print("\n".join(markdown_table(
         ["op type", "ms per run", "nodes"],
         [*((op, f"{t:.2f}", nodes[op]) for op, t in ms.items()),

@@ -123,7 +123,7 @@ def net():
 
 def test_auto_uses_it_for_ort_with_a_fixed_batch_only(net):
     expected_dw = "ort_nchwc" if BLOCK is not None and 16 % BLOCK == 0 else "dynamic_weight"
-    layers = {c.name: c.strategy for c in convert_model(
+    layers = {c.name: c.form for c in convert_model(
         net, strategy="auto", target="ort", dynamic_batch=False).layers}
     assert layers == {"dw": expected_dw, "pw": "dynamic_weight", "conv": expected_dw}
     for target, dynamic in (("onnx", False), ("ort", True)):  # portable / any batch: never
@@ -136,7 +136,7 @@ def test_auto_uses_it_for_ort_with_a_fixed_batch_only(net):
 def test_ort_runs_the_nchwc_graph_and_matches(net, tmp_path, batch):
     result = export_onnx(net, tmp_path / "n.onnx", strategy="auto", target="ort",
                          dynamic_batch=False, batch_size=batch, input_shape=SHAPE)
-    assert result.options["layer_strategies"] == {"ort_nchwc": 2, "dynamic_weight": 1}
+    assert result.options["layer_forms"] == {"ort_nchwc": 2, "dynamic_weight": 1}
     assert result.options["nchwc_block"] == BLOCK
     assert result.details["nchwc_convs"] == 2 * batch  # one conv per layer and sample
     proto = onnx.load(str(result.path))

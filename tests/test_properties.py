@@ -152,7 +152,7 @@ def test_deploy_forms_match_train_form_float64(cfg):
         deploy = result.model
         assert result.folded_bn_count == 1, (strategy, cfg)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules()), strategy
-        assert isinstance(deploy[0], LAYER_FORMS[result.layers[0].strategy])
+        assert isinstance(deploy[0], LAYER_FORMS[result.layers[0].form])
         assert all(p.dtype == torch.float64 for p in deploy.parameters())
         with torch.no_grad():
             out = deploy(x)

@@ -67,9 +67,9 @@ def test_auto_mix_is_exact_in_float64(user_net, batch):
     try:
         result = convert_model(model, strategy="auto", target="ort")
         assert result.strategy == "auto"
-        assert {c.name: c.strategy for c in result.layers} == {"od1": "im2col",
+        assert {c.name: c.form for c in result.layers} == {"od1": "im2col",
                                                               "od2": "depthwise_taps"}
-        assert result.layer_strategies == {"im2col": 1, "depthwise_taps": 1}
+        assert result.layer_forms == {"im2col": 1, "depthwise_taps": 1}
         assert all(c.max_abs_error <= 1e-9 * max(1.0, c.reference_scale) for c in result.layers)
         x = torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator()
                         .manual_seed(batch))
@@ -84,7 +84,7 @@ def test_fixed_batch_onnx_records_the_mix_and_matches(user_net, tmp_path):
     result = export_onnx(user_net, tmp_path / "auto.onnx", strategy="auto", dynamic_batch=False,
                          input_shape=SHAPE)
     assert result.options["strategy"] == "auto"
-    assert result.options["layer_strategies"] == {"dynamic_weight": 2}
+    assert result.options["layer_forms"] == {"dynamic_weight": 2}
     meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
     assert meta["strategy"] == "auto"
     assert meta["layer_strategies"] == "dynamic_weight:2"
@@ -128,7 +128,7 @@ def test_export_formats_fixed_batch_is_onnx_and_ort_only(user_net, tmp_path):
 def test_dynamic_batch_auto_keeps_every_layer_batch_agnostic(user_net, tmp_path):
     result = export_onnx(user_net, tmp_path / "auto_dyn.onnx", strategy="auto",
                          input_shape=SHAPE)
-    assert result.options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
+    assert result.options["layer_forms"] == {"im2col": 1, "depthwise_taps": 1}
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
@@ -140,7 +140,7 @@ def test_pte_auto_delegates_everything_and_matches(user_net, tmp_path):
 
     result = export_executorch(user_net, tmp_path / "auto.pte", strategy="auto",
                                input_shape=SHAPE)
-    assert result.options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
+    assert result.options["layer_forms"] == {"im2col": 1, "depthwise_taps": 1}
     assert result.details["conv_matmul_macs_delegated_share"] == pytest.approx(1.0)
     runner = ExecuTorchRunner(result.path, input_names=result.input_names,
                               input_shapes=result.input_shapes, output_names=result.output_names)
@@ -155,8 +155,8 @@ def test_export_formats_converts_per_target(user_net, tmp_path):
         user_net, tmp_path, ["onnx", "pte"], strategy="auto", dynamic_batch=False,
         input_shape=SHAPE)}
     assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
-    assert results["onnx"].options["layer_strategies"] == {"dynamic_weight": 2}
-    assert results["pte"].options["layer_strategies"] == {"im2col": 1, "depthwise_taps": 1}
+    assert results["onnx"].options["layer_forms"] == {"dynamic_weight": 2}
+    assert results["pte"].options["layer_forms"] == {"im2col": 1, "depthwise_taps": 1}
 
 
 def test_a_forced_dynamic_batch_with_batch_baked_layers_is_refused(user_net, tmp_path):

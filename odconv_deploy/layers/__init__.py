@@ -16,8 +16,8 @@ from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
 #: ``strategy="auto"``).
 LAYER_FORMS: dict[str, type[ODConv2dDeploy]] = {
     **DEPLOY_STRATEGIES,
-    DepthwiseTapsODConv2d.strategy: DepthwiseTapsODConv2d,
-    OrtNchwcODConv2d.strategy: OrtNchwcODConv2d,
+    DepthwiseTapsODConv2d.form: DepthwiseTapsODConv2d,
+    OrtNchwcODConv2d.form: OrtNchwcODConv2d,
 }
 
 __all__ = [

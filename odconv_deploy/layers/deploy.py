@@ -53,7 +53,7 @@ class ODConv2dDeploy(nn.Module):
         bias: Whether the layer has an output bias (it does once a BatchNorm is folded in).
     """
 
-    strategy: ClassVar[str] = ""
+    form: ClassVar[str] = ""
     #: False where the exported graph has the batch size baked in.
     supports_dynamic_batch: ClassVar[bool] = True
 
@@ -134,7 +134,7 @@ class ODConv2dDeploy(nn.Module):
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             f"groups={self.groups}, kernel_num={self.kernel_num}, "
             f"heads=channel+{'+'.join(heads) or 'none'}, bias={self.bias is not None}, "
-            f"strategy={self.strategy!r}"
+            f"form={self.form!r}"
         )
 
     @classmethod
@@ -220,7 +220,7 @@ class Im2colODConv2d(ODConv2dDeploy):
     activations or the per-sample weight.
     """
 
-    strategy = "im2col"
+    form = "im2col"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: object
                  ) -> None:
@@ -319,7 +319,7 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
     stride-2 layers of MobileNetV2 (``runtime_bench/results/depthwise_forms.md``).
     """
 
-    strategy = "depthwise_taps"
+    form = "depthwise_taps"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: object
                  ) -> None:
@@ -391,7 +391,7 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
     thread). The bias goes into the conv unless the filter attention is applied after it.
     """
 
-    strategy = "dynamic_weight"
+    form = "dynamic_weight"
     supports_dynamic_batch = False
 
     def _channel_on_weight(self, pixels: int) -> bool:
@@ -475,7 +475,7 @@ class StaticWeightODConv2d(ODConv2dDeploy):
     conv. Weight layout: ``[groups*K*C_out/g, C_in/g*k*k, 1, 1]``.
     """
 
-    strategy = "static_weight"
+    form = "static_weight"
 
     def weight_shape(self) -> tuple[int, ...]:  # noqa: D102 - see base class
         return (self.kernel_num * self.out_channels, self.taps * self.in_channels // self.groups,
@@ -514,6 +514,6 @@ class StaticWeightODConv2d(ODConv2dDeploy):
 
 #: Deploy strategies by name: forms that take every ODConv layer.
 DEPLOY_STRATEGIES: dict[str, type[ODConv2dDeploy]] = {
-    cls.strategy: cls for cls in (Im2colODConv2d, DynamicWeightODConv2d, StaticWeightODConv2d)
+    cls.form: cls for cls in (Im2colODConv2d, DynamicWeightODConv2d, StaticWeightODConv2d)
 }
 DEFAULT_STRATEGY = "im2col"

@@ -126,7 +126,7 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
         **kwargs: As :class:`ODConv2dDeploy`.
     """
 
-    strategy = "ort_nchwc"
+    form = "ort_nchwc"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  block: int | None = None, **kwargs: object) -> None:
