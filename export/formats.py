@@ -2,9 +2,9 @@
 
 Each :class:`FormatInfo` says the file suffix, what the format is made from (``onnx`` ->
 ``onnx-sim`` -> ``ort``), the export target ``strategy="auto"`` chooses the layers' forms for,
-the package extra it needs, the runners that validate it, the benchmark backend that times it
-and how that backend's runner is built. The exporters, validation, the benchmark and the CLI
-all read it from here.
+the package extra it needs, the runners that validate it and, for the formats the benchmark
+times, how its runtime's benchmark runner is built. The exporters, validation, the benchmark
+and the CLI all read it from here.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class FormatInfo:
         derived_from: Formats this one is made from, in order of preference (empty: traced
             from the PyTorch model).
         extra: The ``odconv-deploy[...]`` extra that installs what it needs.
-        bench_backend: Name of the benchmark backend that times it (None: not benchmarked).
         validation_runners: Runners that execute an artifact of this format for validation.
-        bench_runner: The benchmark backend's runner for an artifact and a thread count.
+        bench_runner: The benchmark's runner for an artifact and a thread count (None: the
+            benchmark does not time this format).
     """
 
     format: ExportFormat
@@ -47,7 +47,6 @@ class FormatInfo:
     description: str
     derived_from: tuple[ExportFormat, ...]
     extra: str
-    bench_backend: str | None
     validation_runners: Callable[[ExportResult], ValidationRunners]
     bench_runner: Callable[[ExportResult, int], Runner] | None = None
 
@@ -61,7 +60,7 @@ class FormatInfo:
         if self.format is ExportFormat.COREML:
             return "coreml"
         if self.format is ExportFormat.EXECUTORCH:
-            return "pte"
+            return "executorch"
         return onnx_target
 
     def path(self, out_dir: Path, stem: str) -> Path:
@@ -72,7 +71,7 @@ class FormatInfo:
 def _ort_levels(tag: str) -> Callable[[ExportResult], ValidationRunners]:
     def runners(result: ExportResult) -> ValidationRunners:
         return [(OnnxRuntimeRunner(str(result.path), optimization=level,
-                                   name=f"ort {tag} (opt {level})"), "fp32")
+                                   name=f"onnxruntime {tag} (opt {level})"), "fp32")
                 for level in ("off", "full")]
     return runners
 
@@ -86,27 +85,28 @@ def _coreml_runners(result: ExportResult) -> ValidationRunners:
 
 #: ONNX Runtime's idle pool threads spin by default; with several threads the benchmark turns
 #: that off, for both models alike: in interleaved A/B rounds the idle session's spinning
-#: threads otherwise steal the running one's cores (on this 2-core machine the ratio of
-#: od_resnet18 k=1 read 1.18 with an IQR of 0.81-1.62 spinning, 1.25 (1.23-1.26) not).
-def _ort_bench(backend: str) -> Callable[[ExportResult, int], Runner]:
+#: threads otherwise steal the running one's cores (the measurement:
+#: ``runtime_bench/results/auto_rules.md``).
+def _ort_bench(name: str) -> Callable[[ExportResult, int], Runner]:
     def make(result: ExportResult, threads: int) -> Runner:
-        return OnnxRuntimeRunner(result.path, threads=threads, spin=threads <= 1, name=backend)
+        return OnnxRuntimeRunner(result.path, threads=threads, spin=threads <= 1, name=name)
     return make
 
 
 FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
     FormatInfo(ExportFormat.ONNX, ".onnx", "ONNX (opset 18, onnx.checker full check)", (),
-               "onnx", None, _ort_levels("onnx")),
+               "onnx", _ort_levels("onnx")),
     FormatInfo(ExportFormat.ONNX_SIMPLIFIED, ".sim.onnx", "ONNX simplified with onnxsim",
-               (ExportFormat.ONNX,), "onnx", "ort", _ort_levels("onnx-sim"), _ort_bench("ort")),
+               (ExportFormat.ONNX,), "onnx", _ort_levels("onnx-sim"), _ort_bench("onnx-sim")),
     FormatInfo(ExportFormat.ORT, ".ort", "ORT format for ONNX Runtime Mobile",
-               (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx", "ort-format",
-               lambda r: [(OnnxRuntimeRunner(str(r.path), name="ort (.ort format)"), "fp32")],
-               _ort_bench("ort-format")),
+               (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx",
+               lambda r: [(OnnxRuntimeRunner(str(r.path), name="onnxruntime (.ort format)"),
+                           "fp32")],
+               _ort_bench("ort")),
     FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
-               "coreml", _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml")),
+               _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml")),
     FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
-               "executorch", "pte",
+               "executorch",
                lambda r: [(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"), "fp32")],
                lambda r, threads: ExecuTorchRunner.from_export(r, threads=threads, name="pte")),
 )}

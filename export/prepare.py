@@ -13,7 +13,7 @@ from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
 from odconv_deploy.model_source import ModelSourceError, describe_io
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
-from odconv_deploy.strategy_choice import AUTO_STRATEGY
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, canonical_target
 
 
 @dataclass
@@ -68,6 +68,7 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
         ExportError: The model does not run on its declared input, or returns something other
             than tensors.
     """
+    target = canonical_target(target)
     spec = resolve_io_spec(model, io_spec, input_shape)
     name = name or getattr(model, "zoo_name", None) or type(model).__name__
     converted = 0
@@ -88,7 +89,7 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
                         if len(strategies) == 1 else "mixed")
     layer_forms = dict(Counter(m.form for m in model.modules()
                                     if isinstance(m, ODConv2dDeploy)))
-    if target not in ("onnx", "ort") and OrtNchwcODConv2d.form in layer_forms:
+    if target not in ("onnx", "onnxruntime") and OrtNchwcODConv2d.form in layer_forms:
         raise ExportError(
             f"{name} has {OrtNchwcODConv2d.form!r} layers, which only ONNX Runtime runs "
             f"(its NCHWc CPU kernels); {target} cannot. Note: pass the train-form model "
@@ -127,14 +128,14 @@ def require_dynamic_batch_support(prepared: PreparedModel, option: str) -> None:
         option: The exporter's argument that turns the dynamic batch off (for the message).
 
     Raises:
-        ExportError: Some layer's strategy cannot take a dynamic batch.
+        ExportError: Some layer's form cannot take a dynamic batch.
     """
     fixed = sorted({m.form for m in prepared.model.modules()
                     if isinstance(m, ODConv2dDeploy) and not m.supports_dynamic_batch})
     if fixed:
         raise ExportError(
-            f"Strategy {fixed[0]!r} bakes the batch into exported graphs, so a "
-            f"dynamic batch is impossible. Note: pass {option}=False (CLI: --static-batch) "
+            f"The {fixed[0]!r} form bakes the batch into exported graphs, so a "
+            f"dynamic batch is impossible. Note: pass {option}=False (CLI: --fixed-batch N) "
             "or use the 'im2col' or 'static_weight' strategy."
         )
 
@@ -146,5 +147,5 @@ def check_batch_size(batch_size: int, dynamic_batch: bool) -> None:
     if dynamic_batch and batch_size != 1:
         raise ExportError(
             f"batch_size={batch_size} fixes the batch, but dynamic_batch=True asks for any "
-            "batch. Note: pass dynamic_batch=False (CLI: --static-batch) to bake it in."
+            "batch. Note: pass dynamic_batch=False (CLI: --fixed-batch N) to bake it in."
         )

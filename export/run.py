@@ -19,6 +19,7 @@ from odconv_deploy.conversions import Conversions
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
+from odconv_deploy.strategy_choice import canonical_target
 
 
 def failed_result(fmt: ExportFormat, path: os.PathLike, exc: BaseException) -> ExportResult:
@@ -100,10 +101,11 @@ def export_formats(
 
     With ``dynamic_batch=False`` the graphs have batch ``batch_size``; a size other than 1 is
     made for ONNX, simplified ONNX and ORT only (CoreML and ExecuTorch then fail with the
-    reason). ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"ort"``: the ONNX-family
-    files are for ONNX Runtime CPU on this machine).
+    reason). ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"onnxruntime"``: the
+    ONNX-family files are for ONNX Runtime CPU on this machine).
     """
     out = fspath(out_dir)
+    onnx_target = canonical_target(onnx_target)
     name = stem or getattr(model, "zoo_name", None) or type(model).__name__
     if conversions is None:
         conversions = Conversions(model, strategy or DEFAULT_STRATEGY)

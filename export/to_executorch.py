@@ -134,8 +134,9 @@ def export_executorch(
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
-    prepared = prepare_model(model, strategy=strategy, target="pte", dynamic_batch=dynamic_batch,
-                             io_spec=io_spec, input_shape=input_shape, name=name)
+    prepared = prepare_model(model, strategy=strategy, target="executorch",
+                             dynamic_batch=dynamic_batch, io_spec=io_spec, input_shape=input_shape,
+                             name=name)
     if dynamic_batch:
         require_dynamic_batch_support(prepared, "dynamic_batch")
     spec = prepared.io_spec

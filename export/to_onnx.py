@@ -32,6 +32,7 @@ from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY
+from odconv_deploy.strategy_choice import canonical_target
 
 #: Default opset: recent, and accepted by ONNX Runtime (incl. Mobile), onnxsim and the dynamo
 #: exporter (which needs >= 18).
@@ -41,7 +42,7 @@ PROTOBUF_LIMIT = 2 * 1024**3
 EXPORTERS = ("dynamo", "torchscript")
 #: What an ONNX graph is for: ``onnx`` any runtime; ``ort`` ONNX Runtime's CPU kernels on
 #: this machine (``strategy="auto"`` may then use ``ort_nchwc`` layers).
-ONNX_TARGETS = ("onnx", "ort")
+ONNX_TARGETS = ("onnx", "onnxruntime")
 
 
 def onnx_shapes(values: list) -> dict[str, list[int | str]]:
@@ -127,9 +128,9 @@ def export_onnx(
             a server that always runs 8 images: ``dynamic_weight`` unrolls that many convs).
         dynamic_spatial: Also make image height and width symbolic.
         strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
-        target: ``"onnx"`` for a graph any runtime runs, or ``"ort"`` for ONNX Runtime CPU on
-            this machine: with ``strategy="auto"`` and a fixed batch, layers that fit then
-            run ORT's NCHWc kernels (``ort_nchwc``; the block size is recorded in the
+        target: ``"onnx"`` for a graph any runtime runs, or ``"onnxruntime"`` for ONNX Runtime
+            CPU on this machine: with ``strategy="auto"`` and a fixed batch, layers that fit
+            then run ORT's NCHWc kernels (``ort_nchwc``; the block size is recorded in the
             metadata and a CPU with another block refuses the graph).
         exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (legacy tracer).
         io_spec: I/O names and shapes (default: ``model.io_spec``).
@@ -147,6 +148,7 @@ def export_onnx(
     onnx = require_backend("onnx", extra="onnx", purpose="ONNX export")
     if exporter not in EXPORTERS:
         raise ExportError(f"Unknown exporter {exporter!r}. Note: choose one of {EXPORTERS}.")
+    target = canonical_target(target)
     if target not in ONNX_TARGETS:
         raise ExportError(f"Unknown ONNX target {target!r}. Note: choose one of "
                           f"{ONNX_TARGETS}.")

@@ -25,13 +25,16 @@ from odconv_deploy.console import Console
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
 from odconv_deploy.status import Status
-from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS, DEPRECATED_TARGETS
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3, 4
 #: Name of the log file third-party output goes to, in the command's output folder.
 LOG_NAME = "odconv-deploy.log"
 #: Formats exported by default (the format table's order).
 DEFAULT_FORMATS = "onnx,onnx-sim,ort,coreml,pte"
+#: What ``bench`` and ``run`` time by default (ONNX Runtime on the simplified ONNX, ExecuTorch,
+#: PyTorch eager).
+DEFAULT_BENCH_FORMATS = "onnx-sim,pte,torch"
 
 
 # -- argument types: a malformed value is a usage error (exit 2) -----------------------------
@@ -61,15 +64,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _deprecated(new: str) -> type[argparse.Action]:
-    """An old spelling that still works for one release, with a message naming the new one."""
+def _warn_deprecated(old: str, new: str) -> None:
+    print(f"odconv-deploy: warning: {old} is deprecated and will be removed in the next "
+          f"release; use {new}", file=sys.stderr)
+
+
+def _deprecated(new: str, convert: Callable[[object], object] = lambda v: v
+                ) -> type[argparse.Action]:
+    """An old flag that still works for one release, with a message naming the new one.
+
+    ``convert`` turns the old value into the new flag's (e.g. renamed names); a flag without
+    a value (``nargs=0``) stores its ``const``.
+    """
     class Deprecated(argparse.Action):
         def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                      values: object, option_string: str | None = None) -> None:
-            print(f"odconv-deploy: warning: {option_string} is deprecated and will be removed "
-                  f"in the next release; use {new}", file=sys.stderr)
-            setattr(namespace, self.dest, values)
+            _warn_deprecated(str(option_string), new)
+            setattr(namespace, self.dest, self.const if self.nargs == 0 else convert(values))
     return Deprecated
+
+
+def _renamed_choice(renamed: dict[str, str], flag: str) -> Callable[[str], str]:
+    """A choice whose old spellings still work for one release, with a message."""
+    def parse(text: str) -> str:
+        if text in renamed:
+            _warn_deprecated(f"{flag} {text}", f"{flag} {renamed[text]}")
+            return renamed[text]
+        return text
+    return parse
 
 
 def _positive_int_list(text: str) -> list[int]:
@@ -80,6 +102,29 @@ def _positive_int_list(text: str) -> list[int]:
 
 
 # -- shared pieces of the commands -----------------------------------------------------------
+def _resolve_batch_mode(args: argparse.Namespace) -> None:
+    """Set ``args.dynamic_batch`` and ``args.fixed_batch`` from ``--fixed-batch N``.
+
+    The deprecated ``--static-batch`` takes N from ``--batch-size`` (bench: its first
+    ``--batch``), else 1.
+    """
+    if not hasattr(args, "fixed_batch"):
+        return
+    old_size = getattr(args, "batch_size", None)
+    if args.fixed_batch is None and getattr(args, "static_batch", False):
+        bench_batches = getattr(args, "batch", None) if args.command == "bench" else None
+        args.fixed_batch = old_size or (bench_batches[0] if bench_batches else 1)
+    elif args.fixed_batch is None and old_size is not None:
+        raise ODConvDeployError(f"--batch-size {old_size} fixes the batch, but the batch is "
+                                f"dynamic. Note: use --fixed-batch {old_size}.")
+    elif args.fixed_batch is not None and old_size not in (None, args.fixed_batch):
+        raise ODConvDeployError(f"--fixed-batch {args.fixed_batch} and --batch-size {old_size} "
+                                "disagree. Note: give --fixed-batch N alone.")
+    args.dynamic_batch = args.fixed_batch is None
+    if args.fixed_batch is None:
+        args.fixed_batch = 1
+
+
 def _load(args: argparse.Namespace, console: Console) -> object:
     from odconv_deploy.model_source import load_model
 
@@ -159,9 +204,9 @@ def _cmd_convert(args: argparse.Namespace, console: Console) -> int:
         loaded = _load(args, console)
         conversions = Conversions(loaded.model, args.strategy or DEFAULT_STRATEGY,
                                   progress=lambda s: console.progress(f"-> {s}"))
-        result = conversions.get(args.target, not args.static_batch)
+        result = conversions.get(args.target, args.dynamic_batch)
         save_deploy_checkpoint(out, loaded, result, target=args.target,
-                               dynamic_batch=not args.static_batch, overwrite=args.overwrite)
+                               dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
     errors = [layer.max_abs_error for layer in result.layers if layer.max_abs_error is not None]
     console.info(f"converted {len(result.layers)} ODConv layers of {loaded.name} "
                  f"({loaded.weights}) to '{result.strategy}' {result.layer_forms}, folded "
@@ -176,7 +221,7 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from export import export_formats, parse_formats
     from export.prepare import check_batch_size
 
-    check_batch_size(args.batch_size, not args.static_batch)  # before any work
+    check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
     formats = parse_formats(args.formats)
     with _quiet(console, args.out) as log:
         loaded = _load(args, console)
@@ -185,7 +230,7 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
             loaded.model, args.out, formats, stem=loaded.name,
             conversions=_conversions(args, loaded, console), io_spec=loaded.io_spec,
             opset=args.opset, coreml_precision=args.coreml_precision,
-            dynamic_batch=not args.static_batch, batch_size=args.batch_size,
+            dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
             onnx_target=args.onnx_target, overwrite=args.overwrite,
             progress=lambda step: console.progress(f"-> {step} ..."))
     _print_exports(console, results)
@@ -201,7 +246,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from export.validation import validate_artifacts
     from odconv_deploy._atomic import atomic_output, check_writable
 
-    check_batch_size(args.batch_size, not args.static_batch)  # before any work
+    check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
     formats = parse_formats(args.formats)
     if args.json:
         check_writable(Path(args.json), overwrite=True)
@@ -214,22 +259,22 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for _, path in given:
         if not Path(path).exists():
             raise ODConvDeployError(f"Artifact {path} does not exist.")
-    batches = args.batch or ([args.batch_size] if args.static_batch else [1, 3])
+    batches = args.batch or ([1, 3] if args.dynamic_batch else [args.fixed_batch])
     with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp, \
             _quiet(console, args.out) as log:
         loaded = _load(args, console)
         conversions = _conversions(args, loaded, console)
         if given:
             results = [artifact_result(fmt, path, loaded.io_spec,
-                                       dynamic_batch=not args.static_batch)
+                                       dynamic_batch=args.dynamic_batch)
                        for fmt, path in given]
         else:
             if args.out:
                 _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
             results = export_formats(loaded.model, args.out or tmp, formats, stem=loaded.name,
                                      conversions=conversions, io_spec=loaded.io_spec,
-                                     dynamic_batch=not args.static_batch,
-                                     batch_size=args.batch_size, onnx_target=args.onnx_target,
+                                     dynamic_batch=args.dynamic_batch,
+                                     batch_size=args.fixed_batch, onnx_target=args.onnx_target,
                                      overwrite=args.overwrite,
                                      progress=lambda s: console.progress(f"-> {s} ..."))
             _print_exports(console, results)
@@ -250,12 +295,12 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from odconv_deploy._atomic import OutputPathError
-    from runtime_bench.backends import parse_backends
     from runtime_bench.bench import BenchConfig, benchmark
+    from runtime_bench.bench_formats import parse_bench_formats
     from runtime_bench.measure import MeasureSettings
     from runtime_bench.report import check_report_writable, to_markdown, write_report
 
-    parse_backends(args.backends)  # before any work
+    parse_bench_formats(args.formats)  # before any work
     check_report_writable(args.out, overwrite=args.overwrite)
     artifacts = Path(args.out) / "artifacts"
     if artifacts.is_dir() and any(artifacts.iterdir()) and not args.overwrite:
@@ -271,8 +316,8 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
         loaded = _load(args, console)
         conversions = _conversions(args, loaded, console)
         config = BenchConfig(
-            backends=args.backends, batches=args.batch, threads=args.threads,
-            strategy=conversions.strategy, dynamic_batch=not args.static_batch,
+            formats=args.formats, batches=_bench_batches(args), threads=args.threads,
+            strategy=conversions.strategy, dynamic_batch=args.dynamic_batch,
             settings=settings, out=args.out, overwrite=args.overwrite)
         report = benchmark(loaded, config, conversions=conversions,
                            progress=lambda s: console.progress(f"-> {s}"))
@@ -280,6 +325,13 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     console.info(to_markdown(report))
     console.info("wrote " + ", ".join(str(f) for f in files) + (f" (log: {log})" if log else ""))
     return EXIT_OK if all(r.status is not Status.FAILED for r in report.rows) else EXIT_CHECK_FAILED
+
+
+def _bench_batches(args: argparse.Namespace) -> list[int]:
+    """``--batch`` (default 1); with a fixed batch N first (it is baked, the others skipped)."""
+    if args.dynamic_batch:
+        return args.batch or [1]
+    return [args.fixed_batch, *(b for b in args.batch or [] if b != args.fixed_batch)]
 
 
 def _square_input(args: argparse.Namespace, console: Console, size: int) -> str:
@@ -298,10 +350,10 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from export import parse_formats
     from odconv_deploy._atomic import check_writable
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
-    from runtime_bench.backends import parse_backends
+    from runtime_bench.bench_formats import parse_bench_formats
 
     formats = parse_formats(args.formats)  # before any work
-    parse_backends(args.backends)
+    parse_bench_formats(args.bench_formats)
     check_writable(Path(args.out) / "report.json", overwrite=args.overwrite)
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
@@ -309,7 +361,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         trust_pickle=args.trust_pickle, strategy=args.strategy, out=args.out,
         overwrite=args.overwrite, quick=args.quick,
         formats=tuple(f.value for f in formats),
-        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        bench_formats=tuple(b.strip() for b in args.bench_formats.split(",") if b.strip()),
         threads=args.threads)
     with _quiet(console, args.out) as log:
         report = run_pipeline(options, progress=console.progress)
@@ -321,7 +373,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults are shown in ``--help``)."""
     from export.formats import FORMAT_NAMES
-    from runtime_bench.backends import BACKENDS
+    from export.to_onnx import ONNX_TARGETS
+    from runtime_bench.bench_formats import BENCH_FORMATS, renamed_backends
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -368,27 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         common(p)
 
+    def batch_mode_args(p: argparse.ArgumentParser, help_text: str) -> None:
+        """``--fixed-batch N``, and its 0.1 spellings (still accepted, with a warning)."""
+        p.add_argument("--fixed-batch", type=_positive_int, default=None, metavar="N",
+                       help=help_text)
+        p.add_argument("--static-batch", nargs=0, const=True, default=False,
+                       action=_deprecated("--fixed-batch N"), help=argparse.SUPPRESS)
+        p.add_argument("--batch-size", type=_positive_int, default=None,
+                       action=_deprecated("--fixed-batch N"), help=argparse.SUPPRESS)
+
     def exported_set_args(p: argparse.ArgumentParser) -> None:
         """Batch axis and ONNX target of the artifacts a command exports."""
-        p.add_argument("--static-batch", action="store_true",
-                       help="fix the batch (to --batch-size) instead of a dynamic batch axis")
-        p.add_argument("--batch-size", type=_positive_int, default=1,
-                       help="with --static-batch: the fixed batch (other than 1: onnx, onnx-sim "
-                       "and ort only)")
-        p.add_argument("--onnx-target", default="onnx", choices=["onnx", "ort"],
-                       help="onnx: graphs any runtime runs; ort: for ONNX Runtime CPU on this "
-                       "machine (with --strategy auto and --static-batch, 3x3 and depthwise "
-                       "layers run ORT's NCHWc kernels; a CPU with another NCHWc block refuses "
-                       "the file)")
+        batch_mode_args(p, "bake batch N into the artifacts instead of a dynamic batch axis "
+                        "(N other than 1: onnx, onnx-sim and ort only)")
+        p.add_argument("--onnx-target", default="onnx", choices=ONNX_TARGETS,
+                       type=_renamed_choice(DEPRECATED_TARGETS, "--onnx-target"),
+                       help="onnx: graphs any runtime runs; onnxruntime: for ONNX Runtime CPU "
+                       "on this machine (with --strategy auto and --fixed-batch, 3x3 and "
+                       "depthwise layers run ORT's NCHWc kernels; a CPU with another NCHWc "
+                       "block refuses the file)")
 
     p = sub.add_parser("convert", help="convert a model to its deploy form and save it",
                        formatter_class=fmt)
     model_args(p, None)
     p.add_argument("--out", required=True, help="output .pt file (a deploy checkpoint)")
     p.add_argument("--target", default="onnx", choices=AUTO_TARGETS,
-                   help="export target that --strategy auto chooses for")
-    p.add_argument("--static-batch", action="store_true",
-                   help="with --strategy auto: the target will run a fixed batch")
+                   type=_renamed_choice(DEPRECATED_TARGETS, "--target"),
+                   help="the runtime --strategy auto chooses the layers' forms for")
+    batch_mode_args(p, "the artifacts made from it will have batch N baked in (with "
+                    "--strategy auto, forms that need a fixed batch become possible)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a model to ONNX, CoreML, ORT and ExecuTorch",
@@ -427,10 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency of a model beside its static twin",
                        formatter_class=fmt)
     model_args(p, None)
-    p.add_argument("--backends", default="ort,pte,torch",
-                   help=f"comma-separated: {', '.join(BACKENDS)}")
-    p.add_argument("--batch", type=_positive_int_list, default=[1],
-                   help="batch sizes, comma-separated")
+    p.add_argument("--formats", default=DEFAULT_BENCH_FORMATS,
+                   help=f"what to time, comma-separated: {', '.join(BENCH_FORMATS)} (torch: "
+                   "PyTorch eager)")
+    p.add_argument("--backends", dest="formats", help=argparse.SUPPRESS,
+                   action=_deprecated("--formats", renamed_backends))
+    p.add_argument("--batch", type=_positive_int_list, default=None,
+                   help="batch sizes, comma-separated (default 1; with --fixed-batch N: N)")
     p.add_argument("--threads", type=_positive_int_list, default=[1],
                    help="thread counts, comma-separated")
     p.add_argument("--resolution", type=_positive_int, default=None,
@@ -443,9 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_positive_float, default=None,
                    help="time budget per measurement in seconds (overrides --iterations)")
     p.add_argument("--out", default="bench_out", help="output folder")
-    p.add_argument("--static-batch", action="store_true",
-                   help="export artifacts with the first --batch baked in (other batches are "
-                   "skipped; a size other than 1 for ort and ort-format only)")
+    batch_mode_args(p, "bake batch N into the artifacts (other --batch sizes are skipped; N "
+                    "other than 1: onnx-sim and ort only)")
     p.add_argument("--fresh-process", action="store_true",
                    help="measure each cell's latency, cold start and memory in a new process")
     p.set_defaults(func=_cmd_bench)
@@ -455,8 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, "od_resnet18")
     p.add_argument("--out", default="odconv_out", help="report directory")
     p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"formats to export ({formats_help})")
-    p.add_argument("--backends", default="ort,pte,torch",
-                   help=f"runtimes to benchmark ({', '.join(BACKENDS)})")
+    p.add_argument("--bench-formats", default=DEFAULT_BENCH_FORMATS,
+                   help=f"what to benchmark ({', '.join(BENCH_FORMATS)})")
+    p.add_argument("--backends", dest="bench_formats", help=argparse.SUPPRESS,
+                   action=_deprecated("--bench-formats", renamed_backends))
     p.add_argument("--threads", type=_positive_int, default=1, help="threads for the benchmark")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.set_defaults(func=_cmd_run)
@@ -472,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(verbose=args.verbose)
     command: Callable[[argparse.Namespace, Console], int] = args.func
     try:
+        _resolve_batch_mode(args)
         return command(args, console)
     except ODConvDeployError as exc:
         console.error(f"odconv-deploy: error: {exc}")

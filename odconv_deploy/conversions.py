@@ -31,7 +31,12 @@ from odconv_deploy.reparameterize import (
     convert_model,
     find_odconv_layers,
 )
-from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
+from odconv_deploy.strategy_choice import (
+    AUTO_STRATEGY,
+    AutoStrategy,
+    canonical_target,
+    check_strategy_name,
+)
 
 #: Marker key of the deploy checkpoints that :func:`deploy_checkpoint` builds.
 DEPLOY_CHECKPOINT_KEY = "odconv_deploy_checkpoint"
@@ -144,8 +149,9 @@ def restore_conversion(model: nn.Module, data: Mapping[str, object]
         raise ODConvDeployError(
             f"The deploy checkpoint's ort_nchwc layers are laid out for NCHWc block {block}; "
             f"this CPU's onnxruntime uses {ort_nchwc_block()}. Note: convert again on this "
-            "machine, or with a target other than ort.")
-    target, dynamic_batch = str(data["target"]), bool(data["dynamic_batch"])
+            "machine, or with a target other than onnxruntime.")
+    target = canonical_target(str(data["target"]), warn=False)
+    dynamic_batch = bool(data["dynamic_batch"])
     result = convert_model(model, strategy=str(data["strategy"]), target=target,
                            dynamic_batch=dynamic_batch, verify=False)
     try:

@@ -159,7 +159,7 @@ def parse_input_shapes(items: str | list[str] | tuple[str, ...] | None
         if shape[0] != 1:
             raise ModelSourceError(
                 f"--input-shape {entry!r} has batch {shape[0]}. Note: write 1 as the batch; "
-                "batch sizes are set by --batch-size (exported graphs) and --batch.")
+                "batch sizes are set by --fixed-batch (exported graphs) and --batch.")
         specs.append(TensorSpec(name, shape))
     if len({s.name for s in specs}) != len(specs):
         raise ModelSourceError(f"--input-shape names repeat: {[s.name for s in specs]}.")

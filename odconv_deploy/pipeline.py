@@ -50,7 +50,7 @@ class PipelineOptions:
     trust_pickle: bool = False
     strategy: str | None = None  # default: a deploy checkpoint's own, else DEFAULT_STRATEGY
     formats: tuple[str, ...] = ("onnx", "onnx-sim", "ort", "coreml", "pte")
-    backends: tuple[str, ...] = ("ort", "pte", "torch")
+    bench_formats: tuple[str, ...] = ("onnx-sim", "pte", "torch")
     threads: int = 1
     out: str = "odconv_out"
     overwrite: bool = False
@@ -105,8 +105,8 @@ class PipelineReport:
         total = sum(s.seconds for s in self.steps)
         lines = [f"# odconv-deploy report: {self.title_model}", "",
                  f"Verdict: **{'OK' if self.ok else 'FAILED'}** ({total:.0f} s). "
-                 f"Strategy `{self.strategy}`; formats {', '.join(o.formats)}; benchmark "
-                 f"backends {', '.join(o.backends)}.", "",
+                 f"Strategy `{self.strategy}`; exported {', '.join(o.formats)}; benchmarked "
+                 f"{', '.join(o.bench_formats)}.", "",
                  *markdown_table(["step", "status", "seconds", "detail"],
                                  [(s.name, s.status, f"{s.seconds:.1f}", s.detail)
                                   for s in self.steps])]
@@ -287,7 +287,7 @@ class _Pipeline:
 
         settings = (MeasureSettings(warmup=2, iterations=5) if self.o.quick
                     else MeasureSettings(warmup=3, iterations=15))
-        config = BenchConfig(backends=",".join(self.o.backends), batches=(1,),
+        config = BenchConfig(formats=",".join(self.o.bench_formats), batches=(1,),
                              threads=(self.o.threads,), strategy=self.conversions.strategy,
                              settings=settings, out=str(self.out / "bench"),
                              overwrite=self.o.overwrite)
@@ -296,9 +296,9 @@ class _Pipeline:
         write_report(report, self.out / "bench", overwrite=True)
         self.report.sections["Latency"] = (to_markdown(report) + "\n![latency](bench/latency.png)"
                                            "\n![ratio](bench/ratio.png)\n")
-        ratios = [f"{r.backend} {r.ratio_to_static['ratio_median']:.2f}x"
+        ratios = [f"{r.format} {r.ratio_to_static['ratio_median']:.2f}x"
                   for r in report.rows if r.role == "odconv" and r.ratio_to_static]
-        failed = [f"{r.backend}" for r in report.rows if r.status is Status.FAILED]
+        failed = [f"{r.format}" for r in report.rows if r.status is Status.FAILED]
         data = {"rows": [asdict(r) for r in report.rows]}
         if failed:
             return Status.FAILED, f"failed on {', '.join(sorted(set(failed)))}", data

@@ -1,44 +1,33 @@
 """``strategy="auto"``: pick each layer's deploy form from the export target.
 
 Every choice is one of the exact deploy forms, so ``auto`` goes through the same per-layer
-float64 verification as a named strategy. The rules come from measurements on this project's
-2-core x86 machine: whole models in ``runtime_bench/results/perf_targets.md`` (ratios to the
-static twin), single depthwise layers in ``runtime_bench/results/depthwise_forms.md``:
+float64 verification as a named strategy. Targets are named by the runtime that will run the
+graph (:data:`AUTO_TARGETS`). The rules, each set by a measurement recorded with its figures
+in ``runtime_bench/results/auto_rules.md``:
 
-- **ONNX with a fixed batch** (a portable graph): every layer takes ``dynamic_weight``: ONNX
-  Runtime's own Conv on the computed weight beats both the one-hot im2col + MatMul (which
-  pays for the im2col map) and, for depthwise layers, the one-hot im2col + reduce (which
-  writes ``k*k`` copies of the activation). Whole models, batch 1, 1 thread, against the
-  dynamic-batch ``im2col`` graph: od_resnet18 k=4 1.77x -> 1.60x of static, k=1 1.46x ->
-  1.33x, od_mobilenetv2_100 k=4 4.89x -> 2.57x.
-- **ORT (ONNX Runtime CPU on this machine) with a fixed batch**: as ONNX, except that the
+- **onnx, fixed batch** (a portable graph): every layer takes ``dynamic_weight``: ONNX
+  Runtime's own Conv on the computed weight beats both the one-hot im2col + MatMul (which pays
+  for the im2col map) and, for depthwise layers, the one-hot im2col + reduce (which writes
+  ``k*k`` copies of the activation).
+- **onnxruntime** (ONNX Runtime CPU on this machine), **fixed batch**: as onnx, except that
   ``k > 1`` regular and depthwise layers whose channels fit the CPU's NCHWc block take
-  ``ort_nchwc`` (the computed weight runs ORT's blocked conv kernels; the graph then runs
-  only on ONNX Runtime CPUs with the same block, see :mod:`odconv_deploy.layers.ort_nchwc`).
-  Where this onnxruntime has no NCHWc kernels, ``dynamic_weight`` as for ONNX. Whole models,
-  batch 1, 1 thread, ratio to static against the ``dynamic_weight`` graph: od_resnet18 k=4
-  1.54x -> 1.37x, k=1 1.31x -> 1.15x, od_mobilenetv2_100 k=4 2.50x -> 1.89x. Single depthwise
-  layers of od_mobilenetv2_100: 2.0-2.6x faster than ``dynamic_weight`` (96 ch at 112x112,
-  stride 2: 0.96 vs 2.26 ms; static 0.75 ms).
-- **ONNX / ORT with a dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``, the
-  rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph). Per layer, 1 thread,
-  the od_mobilenetv2_100 depthwise shapes: at stride 1 taps are 7-27% faster (144 ch at 56x56:
-  3.64 vs 5.01 ms), at stride 2 23-48% slower (96 ch at 112x112: 5.89 vs 4.78 ms).
-  Whole od_mobilenetv2_100 k=4, batch 1: 4.48x -> 3.84x of static.
-- **ExecuTorch (XNNPACK)**: depthwise layers take ``depthwise_taps`` (every other layer
-  ``im2col``): per layer it beats the one-hot im2col at every od_mobilenetv2_100 shape, 1.9-4.8x
-  at stride 1 and 1.2-2.4x at stride 2, where it reads the taps from the input's phases (96 ch
-  at 112x112: 6.98 vs 16.59 ms; 14.76 ms with strided slices, which XNNPACK leaves out).
-  Never ``dynamic_weight``: XNNPACK does not delegate a conv whose weight is computed at run
-  time (the reference graph runs 60x slower than static for that reason).
-- **CoreML**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon
-  as its depthwise layers are ``dynamic_weight`` (TypeError on an ``int`` op in its torch
-  frontend), while small networks with the same layers convert.
+  ``ort_nchwc`` (the computed weight runs ORT's blocked conv kernels; the graph then runs only
+  on ONNX Runtime CPUs with the same block, see :mod:`odconv_deploy.layers.ort_nchwc`). Where
+  this onnxruntime has no NCHWc kernels, ``dynamic_weight`` as for onnx.
+- **onnx / onnxruntime, dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``,
+  the rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph); at stride 2 the
+  taps are slower than im2col.
+- **executorch** (XNNPACK): depthwise layers take ``depthwise_taps`` (every other layer
+  ``im2col``), faster than the one-hot im2col at every od_mobilenetv2_100 shape. Never
+  ``dynamic_weight``: XNNPACK does not delegate a conv whose weight is computed at run time.
+- **coreml**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon as
+  its depthwise layers are ``dynamic_weight``.
 - **torch** (eager PyTorch): ``im2col`` everywhere.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from odconv_deploy.errors import UnsupportedLayerError
@@ -47,9 +36,27 @@ from odconv_deploy.layers.ort_nchwc import nchwc_unsupported_reason, ort_nchwc_b
 from odconv_deploy.layers.spec import ODConvSpec
 
 AUTO_STRATEGY = "auto"
-#: Export targets ``auto`` knows. ``onnx`` graphs run anywhere; ``ort`` ones (the same with
-#: a dynamic batch) may use ONNX Runtime's CPU kernels of this machine.
-AUTO_TARGETS = ("onnx", "ort", "coreml", "pte", "torch")
+#: Export targets ``auto`` knows, named by the runtime that runs the graph. ``onnx`` graphs
+#: run on any ONNX runtime; ``onnxruntime`` ones (the same with a dynamic batch) may use ONNX
+#: Runtime's CPU kernels of this machine.
+AUTO_TARGETS = ("onnx", "onnxruntime", "coreml", "executorch", "torch")
+#: Target spellings of 0.1 (``ort``, ``pte`` are file formats), accepted for one release.
+DEPRECATED_TARGETS = {"ort": "onnxruntime", "pte": "executorch"}
+
+
+def canonical_target(target: str, *, warn: bool = True) -> str:
+    """``target``, a deprecated spelling replaced by today's name.
+
+    A deprecated spelling also raises a ``DeprecationWarning`` unless ``warn`` is False (a
+    name read from a file that 0.1 wrote).
+    """
+    new = DEPRECATED_TARGETS.get(target)
+    if new is None:
+        return target
+    if warn:
+        warnings.warn(f"target {target!r} is deprecated and will be removed in the next "
+                      f"release; use {new!r}", DeprecationWarning, stacklevel=3)
+    return new
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class AutoStrategy:
     dynamic_batch: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target", canonical_target(self.target))
         if self.target not in AUTO_TARGETS:
             raise UnsupportedLayerError(
                 f"strategy='auto' got target {self.target!r}. Note: choose one of "
@@ -72,8 +80,8 @@ class AutoStrategy:
             )
 
     def choose(self, spec: ODConvSpec) -> str:
-        """The deploy strategy for one layer (see the module docstring for why)."""
-        if self.target == "ort" and not self.dynamic_batch:
+        """The deploy form of one layer (see the module docstring for why)."""
+        if self.target == "onnxruntime" and not self.dynamic_batch:
             block = ort_nchwc_block()
             fits = block is not None and nchwc_unsupported_reason(
                 spec.in_channels, spec.out_channels, spec.kernel_size, spec.groups, block) is None
@@ -82,7 +90,7 @@ class AutoStrategy:
             return "dynamic_weight"
         if not spec.depthwise or self.target in ("coreml", "torch"):
             return DEFAULT_STRATEGY
-        if self.target == "pte":
+        if self.target == "executorch":
             return "depthwise_taps"
         return "depthwise_taps" if spec.stride == 1 else DEFAULT_STRATEGY
 

@@ -1,4 +1,4 @@
-"""Benchmark an ODConv model beside its static twin across backends, batches and threads."""
+"""Benchmark an ODConv model beside its static twin across formats, batches and threads."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, static_twin_of
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
 from odconv_deploy.status import Status
-from runtime_bench.backends import Backend, parse_backends
+from runtime_bench.bench_formats import BenchFormat, parse_bench_formats
 from runtime_bench.measure import MeasureSettings, interleaved, measure
 from runtime_bench.probe import MachineProbe, machine_info, probe_machine
 from runtime_bench.stats import paired_ratio
@@ -24,12 +24,12 @@ from runtime_bench.stats import paired_ratio
 
 @dataclass
 class BenchConfig:
-    """How to measure. ``backends`` is a comma-separated list (see ``BACKENDS``)."""
+    """How to measure. ``formats`` is a comma-separated list (see ``BENCH_FORMATS``)."""
 
-    backends: str = "ort,pte"
+    formats: str = "onnx-sim,pte"
     batches: Sequence[int] = (1,)
     threads: Sequence[int] = (1,)
-    strategy: str = "im2col"  # or "auto": chosen per layer for each backend's format
+    strategy: str = "im2col"  # or "auto": chosen per layer for each format
     #: Export artifacts with a symbolic batch; False bakes in the first of ``batches`` (other
     #: batch sizes are skipped; a size other than 1 is made for ONNX and ORT only).
     dynamic_batch: bool = True
@@ -40,12 +40,12 @@ class BenchConfig:
 
 @dataclass
 class BenchSubject:
-    """One model to measure: the eager module the ``torch`` backend runs and its artifacts.
+    """One model to measure: the eager module ``torch`` times and its artifacts.
 
     Attributes:
         name: Model name in the rows.
         role: ``odconv`` or ``static`` (the twin the ratio is taken against).
-        model: The deploy-form module (PyTorch eager backend).
+        model: The deploy-form module (what ``torch`` times).
         artifacts: Exported artifacts by format (a failed export carries its reason).
         strategy: The strategy label of its rows (None for the static twin).
     """
@@ -59,11 +59,11 @@ class BenchSubject:
 
 @dataclass
 class BenchRow:
-    """One (model, backend, batch, threads) measurement."""
+    """One (model, format, batch, threads) measurement."""
 
     model: str
     role: str  # "odconv" or "static"
-    backend: str
+    format: str  # a BENCH_FORMATS name
     batch: int
     threads: int
     resolution: int
@@ -104,14 +104,13 @@ def prepare_subjects(loaded: LoadedModel, config: BenchConfig, *,
                      conversions: Conversions | None = None,
                      reuse: Sequence[ExportResult] = (),
                      progress: Callable[[str], None] = lambda _: None) -> list[BenchSubject]:
-    """The ODConv model and its static twin, with the artifacts the backends need.
+    """The ODConv model and its static twin, with the artifacts the formats need.
 
     The ODConv model's conversions come from ``conversions`` (the run's, default a new one
     with ``config.strategy``); artifacts in ``reuse`` (already exported, e.g. by the pipeline)
     are taken as they are and only missing formats are exported, under ``config.out``.
     """
-    backends = parse_backends(config.backends)
-    formats = {b.artifact for b in backends if b.artifact is not None}
+    formats = {b.artifact for b in parse_bench_formats(config.formats) if b.artifact is not None}
     twin = static_twin_of(loaded)
     subjects = []
     for role, item in (("odconv", loaded), ("static", twin)):
@@ -127,7 +126,8 @@ def prepare_subjects(loaded: LoadedModel, config: BenchConfig, *,
                               stem=f"{item.name}_{config.strategy}{suffix}",
                               io_spec=item.io_spec, conversions=convs,
                               dynamic_batch=config.dynamic_batch, batch_size=batch_size,
-                              onnx_target="ort",  # only ONNX Runtime on this machine runs them
+                              # only ONNX Runtime on this machine runs them
+                              onnx_target="onnxruntime",
                               overwrite=config.overwrite, progress=progress) if missing else []
         subjects.append(BenchSubject(item.name, role, convs.get("torch").model,
                                      {**{r.format: r for r in made}, **have},
@@ -157,13 +157,13 @@ def benchmark(loaded: LoadedModel, config: BenchConfig, *,
 
 def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: BenchConfig, *,
                   progress: Callable[[str], None] = lambda _: None) -> BenchReport:
-    """Measure every subject on every backend, batch and thread count.
+    """Measure every subject in every format, batch and thread count.
 
-    Each (backend, batch, threads) cell measures the subjects separately (cold start, warm
+    Each (format, batch, threads) cell measures the subjects separately (cold start, warm
     latency, memory), then runs the ODConv model and its static twin in interleaved A/B
     rounds for the ratio. A cell that fails is recorded with its reason and the sweep goes on.
     """
-    backends: list[Backend] = parse_backends(config.backends)
+    timed: list[BenchFormat] = parse_bench_formats(config.formats)
     spec = io_spec
     size = spec.inputs[0].shape[-1]
     report = BenchReport(config, machine_info(),
@@ -175,22 +175,22 @@ def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: Ben
         prepared[subject.role] = (subject, subject.model, subject.artifacts, complexity.macs,
                                   weight_bytes)
         report.artifacts += [a.to_dict() for a in subject.artifacts.values()]
-    cells = [(b, n, t) for b in backends for n in config.batches for t in config.threads]
-    for i, (backend, batch, threads) in enumerate(cells, 1):
-        progress(f"[{i}/{len(cells)}] {backend.name} batch={batch} threads={threads}")
+    cells = [(b, n, t) for b in timed for n in config.batches for t in config.threads]
+    for i, (bench_format, batch, threads) in enumerate(cells, 1):
+        progress(f"[{i}/{len(cells)}] {bench_format.name} batch={batch} threads={threads}")
         rows, runners = {}, {}
         feed = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.sample_inputs(batch),
                                                    strict=True)}
         for role, (item, model, artifacts, macs, weight_bytes) in prepared.items():
-            row = BenchRow(item.name, role, backend.name, batch, threads, size, item.strategy)
+            row = BenchRow(item.name, role, bench_format.name, batch, threads, size, item.strategy)
             rows[role] = row
             report.rows.append(row)
-            artifact = artifacts.get(backend.artifact) if backend.artifact else None
-            if backend.artifact and (artifact is None or not artifact.ok):
+            artifact = artifacts.get(bench_format.artifact) if bench_format.artifact else None
+            if bench_format.artifact and (artifact is None or not artifact.ok):
                 row.status, row.reason = Status.FAILED, (artifact.error if artifact
                                                     else "artifact missing")
                 continue
-            make = functools.partial(backend.make, model, spec, artifact, threads)
+            make = functools.partial(bench_format.make, model, spec, artifact, threads)
             try:
                 probe_runner = make()
                 probe_runner.activate()

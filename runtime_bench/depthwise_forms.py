@@ -3,9 +3,9 @@
 The evidence behind ``strategy="auto"``'s depthwise rules: for each depthwise shape of
 od_mobilenetv2_100 (kernel_num=4, batch 1), the ``im2col`` form (one-hot conv + reduce), the
 ``depthwise_taps`` form (k*k slices) and a static depthwise ``nn.Conv2d`` are exported and
-timed in ONNX Runtime and ExecuTorch-XNNPACK, alternating so drift hits all of them; ONNX
-Runtime also times the fixed-batch forms ``dynamic_weight`` and ``ort_nchwc`` (its NCHWc
-kernels; skipped where this onnxruntime has none)::
+timed as ONNX (in ONNX Runtime) and ExecuTorch (XNNPACK) programs, alternating so drift hits
+all of them; ONNX Runtime also times the fixed-batch forms ``dynamic_weight`` and
+``ort_nchwc`` (its NCHWc kernels; skipped where this onnxruntime has none)::
 
     python -m runtime_bench.depthwise_forms --out runtime_bench/results
 """
@@ -25,17 +25,19 @@ from torch import nn
 from export import export_executorch, export_onnx
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.detect import inspect_odconv
+from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers import LAYER_FORMS, ODConv2d
 from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
 from odconv_deploy.runners import ExecuTorchRunner, OnnxRuntimeRunner
 from odconv_deploy.tables import markdown_table
+from odconv_deploy.validation.inputs import seeded_feed
 from runtime_bench.probe import machine_info
 
 #: (channels, input size, stride) of od_mobilenetv2_100's 3x3 depthwise layers (distinct ones).
 SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
           (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1))
-#: Forms timed per backend (XNNPACK does not take a computed conv weight).
-FORMS = {"ort": ("im2col", "depthwise_taps", "dynamic_weight", "ort_nchwc", "static"),
+#: Forms timed per format (XNNPACK does not take a computed conv weight).
+FORMS = {"onnx": ("im2col", "depthwise_taps", "dynamic_weight", "ort_nchwc", "static"),
          "pte": ("im2col", "depthwise_taps", "static")}
 
 
@@ -48,27 +50,27 @@ def build(form: str, channels: int, stride: int, seed: int) -> nn.Module:
     return LAYER_FORMS[form].from_spec(inspect_odconv(layer)).eval()
 
 
-def measure_shape(channels: int, size: int, stride: int, backends: list[str], iterations: int,
+def measure_shape(channels: int, size: int, stride: int, formats: list[str], iterations: int,
                   work: Path) -> dict[str, dict[str, float]]:
-    """Median ms per (backend, form) for one shape."""
+    """Median ms per (format, form) for one shape."""
     shape = (1, channels, size, size)
     runners = {}
-    for backend in backends:
-        for form in FORMS[backend]:
+    for fmt in formats:
+        for form in FORMS[fmt]:
             if form == "ort_nchwc" and ort_nchwc_block() is None:
                 continue
             model = build(form, channels, stride, seed=channels)
             stem = work / f"dw_{channels}_{size}_{stride}_{form}"
-            if backend == "ort":
+            if fmt == "onnx":
                 result = export_onnx(model, f"{stem}.onnx", input_shape=shape, overwrite=True,
                                      dynamic_batch=form == "static"
                                      or LAYER_FORMS[form].supports_dynamic_batch)
-                runners["ort", form] = OnnxRuntimeRunner(result.path, threads=1)
+                runners["onnx", form] = OnnxRuntimeRunner(result.path, threads=1)
             else:
                 result = export_executorch(model, f"{stem}.pte", input_shape=shape,
                                            dynamic_batch=False, overwrite=True)
                 runners["pte", form] = ExecuTorchRunner.from_export(result, threads=1)
-    feed = {"input": torch.randn(shape).numpy()}
+    feed = seeded_feed(IOSpec((TensorSpec("input", shape),), ()), 1)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     for runner in runners.values():
         runner.activate()
@@ -83,9 +85,30 @@ def measure_shape(channels: int, size: int, stride: int, backends: list[str], it
         for runner in runners.values():
             runner.deactivate()
     medians: dict[str, dict[str, float]] = {}
-    for (backend, form), samples in times.items():
-        medians.setdefault(backend, {})[form] = 1e3 * statistics.median(samples)
+    for (fmt, form), samples in times.items():
+        medians.setdefault(fmt, {})[form] = 1e3 * statistics.median(samples)
     return medians
+
+
+def to_markdown(records: list[dict[str, object]], machine: dict[str, str], iterations: int
+                ) -> str:
+    """The per-layer table of ``depthwise_forms.md`` (rebuilt from its JSON by a test)."""
+    formats = {r["format"] for r in records}
+    columns = FORMS["onnx"] if "onnx" in formats else FORMS["pte"]
+
+    def cell(record: dict[str, object], form: str) -> str:
+        ms = record.get(f"{form}_ms")
+        return "-" if ms is None else f"{ms:.2f}"
+
+    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, {machine['isa']}); 1 thread, "
+             f"batch 1, kernel_num 4, median of {iterations} alternating runs (ms); onnx runs in "
+             "ONNX Runtime, pte in ExecuTorch (XNNPACK); - : form not available in that format.",
+             "",
+             *markdown_table(["format", "channels", "size", "stride", *columns],
+                             [[r["format"], r["channels"], r["size"], r["stride"],
+                               *(cell(r, f) for f in columns)]
+                              for r in sorted(records, key=lambda r: r["format"])])]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -93,39 +116,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runtime_bench/results"))
-    parser.add_argument("--backends", default="ort,pte")
+    parser.add_argument("--formats", default="onnx,pte")
     parser.add_argument("--iterations", type=int, default=25)
     args = parser.parse_args()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     records = []
     with tempfile.TemporaryDirectory(prefix="depthwise_forms_") as work:
         for channels, size, stride in SHAPES:
-            medians = measure_shape(channels, size, stride, backends, args.iterations,
+            medians = measure_shape(channels, size, stride, formats, args.iterations,
                                     Path(work))
-            for backend, by_form in medians.items():
+            for fmt, by_form in medians.items():
                 records.append({"channels": channels, "size": size, "stride": stride,
-                                "backend": backend, **{f"{f}_ms": ms for f, ms in by_form.items()}})
+                                "format": fmt, **{f"{f}_ms": ms for f, ms in by_form.items()}})
                 print(records[-1], flush=True)
     machine = machine_info()
-    columns = FORMS["ort"] if "ort" in backends else FORMS["pte"]
-
-    def cell(record: dict[str, object], form: str) -> str:
-        ms = record.get(f"{form}_ms")
-        return "-" if ms is None else f"{ms:.2f}"
-
-    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, {machine['isa']}); 1 thread, "
-             f"batch 1, kernel_num 4, median of {args.iterations} alternating runs (ms); - : "
-             "form not available on that backend.", "",
-             *markdown_table(["backend", "channels", "size", "stride", *columns],
-                             [[r["backend"], r["channels"], r["size"], r["stride"],
-                               *(cell(r, f) for f in columns)]
-                              for r in sorted(records, key=lambda r: r["backend"])])]
+    table = to_markdown(records, machine, args.iterations)
     with atomic_output(args.out / "depthwise_forms.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps({"machine": machine, "iterations": args.iterations,
                                    "records": records}, indent=2))
     with atomic_output(args.out / "depthwise_forms.md", overwrite=True) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        tmp.write_text(table)
+    print(table, end="")
 
 
 if __name__ == "__main__":

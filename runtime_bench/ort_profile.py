@@ -5,7 +5,7 @@ Exports a zoo model (ODConv deploy form with ``--strategy``, or its static twin 
 milliseconds per run for each operator type, then the slowest nodes with their input shapes::
 
     python -m runtime_bench.ort_profile --model od_resnet18 --strategy im2col
-    python -m runtime_bench.ort_profile --model od_mobilenetv2_100 --strategy auto --static-batch
+    python -m runtime_bench.ort_profile --model od_mobilenetv2_100 --strategy auto --fixed-batch 1
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from export import export_onnx
 from odconv_deploy.model_source import load_model, static_twin_of
 from odconv_deploy.tables import markdown_table
+from odconv_deploy.validation.inputs import seeded_feed
 
 
 def op_type_profile(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: int
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--model", default="od_resnet18")
     parser.add_argument("--kernel-num", type=int, default=4)
     parser.add_argument("--strategy", default="im2col")
-    parser.add_argument("--static-batch", action="store_true")
+    parser.add_argument("--fixed-batch", type=int, default=None, metavar="N",
+                        help="bake batch N into the graph (default: a dynamic batch)")
     parser.add_argument("--static", action="store_true", help="profile the static twin instead")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=15, help="slowest nodes to list")
@@ -69,10 +71,10 @@ def main() -> None:
     item = static_twin_of(loaded) if args.static else loaded
     with tempfile.TemporaryDirectory(prefix="ort_profile_") as work:
         result = export_onnx(item.model, Path(work) / "m.onnx", strategy=args.strategy,
-                             dynamic_batch=not args.static_batch, io_spec=loaded.io_spec,
-                             target="ort")
-        (name,) = result.input_names
-        feed = {name: loaded.io_spec.sample_inputs(1)[0].numpy()}
+                             dynamic_batch=args.fixed_batch is None,
+                             batch_size=args.fixed_batch or 1, io_spec=loaded.io_spec,
+                             target="onnxruntime")
+        feed = seeded_feed(loaded.io_spec, args.fixed_batch or 1)
         ms, nodes, slowest = op_type_profile(result.path, feed, args.runs)
     print(f"{item.name} ({'static' if args.static else args.strategy}), "
           f"layers {result.options.get('layer_forms')}, 1 thread, mean of {args.runs} runs")

@@ -34,16 +34,16 @@ class Target:
 
     model: str
     kernel_num: int
-    backend: str
+    format: str  # a BENCH_FORMATS name
     batch: int
     target_ratio: float
 
 
 TARGETS = (
-    Target("od_resnet18", 4, "ort", 1, 1.3),
-    Target("od_resnet18", 1, "ort", 1, 1.15),
-    Target("od_mobilenetv2_100", 4, "ort", 1, 1.5),
-    Target("od_resnet18", 4, "ort", 8, 1.3),
+    Target("od_resnet18", 4, "onnx-sim", 1, 1.3),
+    Target("od_resnet18", 1, "onnx-sim", 1, 1.15),
+    Target("od_mobilenetv2_100", 4, "onnx-sim", 1, 1.5),
+    Target("od_resnet18", 4, "onnx-sim", 8, 1.3),
     Target("od_resnet18", 4, "pte", 1, 1.1),
     Target("od_mobilenetv2_100", 4, "pte", 1, 1.3),
 )
@@ -60,7 +60,7 @@ def is_met(ratio_q75: float | None, target_ratio: float) -> bool:
 
 def record_key(record: dict[str, object]) -> tuple[object, ...]:
     """Identity of a record: the target row, threads and variant."""
-    return tuple(record.get(k) for k in ("model", "kernel_num", "backend", "batch", "threads",
+    return tuple(record.get(k) for k in ("model", "kernel_num", "format", "batch", "threads",
                                           "strategy"))
 
 
@@ -72,7 +72,7 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
     for target in TARGETS:
         start = time.perf_counter()
         loaded = load_model(target.model, kernel_num=target.kernel_num)
-        config = BenchConfig(backends=target.backend, batches=(target.batch,), threads=threads,
+        config = BenchConfig(formats=target.format, batches=(target.batch,), threads=threads,
                              strategy=strategy, dynamic_batch=dynamic_batch, settings=settings,
                              out=str(out / "work" / f"{target.model}_k{target.kernel_num}"),
                              overwrite=True)
@@ -80,7 +80,7 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
         for row in report.rows:
             if row.role != "odconv":
                 continue
-            twin = next(r for r in report.rows if r.role == "static" and r.backend == row.backend
+            twin = next(r for r in report.rows if r.role == "static" and r.format == row.format
                         and r.batch == row.batch and r.threads == row.threads)
             ratio = row.ratio_to_static.get("ratio_median")
             records.append({
@@ -105,7 +105,7 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
     return records
 
 
-TARGET_ORDER = {(t.model, t.kernel_num, t.backend, t.batch): i for i, t in enumerate(TARGETS)}
+TARGET_ORDER = {(t.model, t.kernel_num, t.format, t.batch): i for i, t in enumerate(TARGETS)}
 
 
 def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> str:
@@ -120,7 +120,7 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
     rows: list[list[object]] = []
     for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],
                                             r["strategy"] != "im2col")):
-        head = [f"{r['model']} k={r['kernel_num']}", r["backend"], r["batch"],
+        head = [f"{r['model']} k={r['kernel_num']}", r["format"], r["batch"],
                 f"{r['strategy']} ({r['batch_axis']})", r["threads"]]
         if r["status"] != "ok":
             rows.append([*head, f"{r['status']}: {str(r['reason'])[:80]}", "", "",
@@ -130,7 +130,7 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
                      f"{r['ratio']:.2f} ({r['ratio_q25']:.2f}-{r['ratio_q75']:.2f})",
                      f"<= {r['target_ratio']}", "yes" if r["met"] else "no",
                      f"{r['floor_ms']:.1f}"])
-    lines += markdown_table(["graph", "runtime", "batch", "strategy (batch axis)", "threads",
+    lines += markdown_table(["graph", "format", "batch", "strategy (batch axis)", "threads",
                              "ODConv ms", "static ms", "ratio", "target", "met", "floor ms"],
                             rows)
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from odconv_deploy.status import Status
 from odconv_deploy.tables import markdown_table
 from runtime_bench.bench import BenchReport, BenchRow
 
-CSV_FIELDS = ("model", "role", "backend", "batch", "threads", "resolution", "strategy", "status",
+CSV_FIELDS = ("model", "role", "format", "batch", "threads", "resolution", "strategy", "status",
               "median_ms", "p90_ms", "p99_ms", "min_ms", "iqr_ms", "n", "throughput_ips",
               "cold_start_s", "peak_rss_mb", "artifact_mb", "achieved_gflops",
               "pct_of_gemm_peak", "floor_ms", "ratio_to_static", "ratio_q25", "ratio_q75",
@@ -59,16 +59,16 @@ def to_markdown(report: BenchReport) -> str:
     rows: list[list[object]] = []
     for r in report.rows:
         if r.status is not Status.OK:
-            rows.append([r.model, r.backend, r.batch, r.threads, f"{r.status}: {r.reason[:90]}"])
+            rows.append([r.model, r.format, r.batch, r.threads, f"{r.status}: {r.reason[:90]}"])
             continue
         ratio = r.ratio_to_static
         ratio_txt = (f"{ratio['ratio_median']:.2f} ({ratio['ratio_q25']:.2f}-"
                      f"{ratio['ratio_q75']:.2f})" if ratio else "-")
-        rows.append([r.model, r.backend, r.batch, r.threads, f"{r.latency['median_ms']:.2f}",
+        rows.append([r.model, r.format, r.batch, r.threads, f"{r.latency['median_ms']:.2f}",
                      f"{r.latency['iqr_ms']:.2f}", f"{r.latency['p90_ms']:.2f}",
                      _fmt(r.throughput_ips, ".1f"), _fmt(r.achieved_gflops, ".1f"),
                      _fmt(r.pct_of_gemm_peak, ".0f"), _fmt(r.floor_ms, ".2f"), ratio_txt])
-    lines += markdown_table(["model", "backend", "batch", "threads", "median ms", "IQR ms",
+    lines += markdown_table(["model", "format", "batch", "threads", "median ms", "IQR ms",
                              "p90 ms", "img/s", "GFLOP/s", "% peak", "floor ms",
                              "ratio to static"], rows)
     return "\n".join(lines) + "\n"
@@ -86,25 +86,25 @@ def _plots(report: BenchReport, out: Path, overwrite: bool) -> list[Path]:
     if not ok:
         return []
     written = []
-    keys = sorted({(r.backend, r.batch, r.threads) for r in ok})
+    keys = sorted({(r.format, r.batch, r.threads) for r in ok})
     labels = [f"{b}\nb{n} t{t}" for b, n, t in keys]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 4))
     width = 0.4
     for offset, role in ((-width / 2, "odconv"), (width / 2, "static")):
         values = [next((r.latency["median_ms"] for r in ok if r.role == role
-                        and (r.backend, r.batch, r.threads) == k), 0.0) for k in keys]
+                        and (r.format, r.batch, r.threads) == k), 0.0) for k in keys]
         ax.bar([i + offset for i in range(len(keys))], values, width,
                label=next((r.model for r in ok if r.role == role), role))
     ax.set_xticks(range(len(keys)), labels)
     ax.set_ylabel("median latency per batch (ms)")
-    ax.set_title("Latency per backend (lower is better)")
+    ax.set_title("Latency per format (lower is better)")
     ax.legend()
     fig.tight_layout()
     with atomic_output(out / "latency.png", overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     written.append(out / "latency.png")
     plt.close(fig)
-    ratios = [(f"{r.backend}\nb{r.batch} t{r.threads}", r.ratio_to_static) for r in ok
+    ratios = [(f"{r.format}\nb{r.batch} t{r.threads}", r.ratio_to_static) for r in ok
               if r.ratio_to_static]
     if ratios:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ratios)), 4))

@@ -1,4 +1,4 @@
-"""runtime_bench: statistics, every backend on a small model, failures that do not stop a sweep."""
+"""runtime_bench: statistics, every format on a small model, failures that do not stop a sweep."""
 
 import csv
 import io
@@ -9,8 +9,8 @@ import pytest
 
 from odconv_deploy.cli import main
 from odconv_deploy.model_source import load_model
-from runtime_bench.backends import UnknownBackendError, parse_backends
 from runtime_bench.bench import BenchConfig, benchmark
+from runtime_bench.bench_formats import UnknownBenchFormatError, parse_bench_formats
 from runtime_bench.measure import MeasureSettings
 from runtime_bench.report import to_csv, to_markdown, write_report
 from runtime_bench.stats import paired_ratio, summarize
@@ -35,24 +35,25 @@ def test_paired_ratio():
         paired_ratio([1.0], [1.0, 2.0])
 
 
-def test_unknown_backend_lists_valid():
-    with pytest.raises(UnknownBackendError, match="tflite.*torch, ort, ort-format, coreml, pte"):
-        parse_backends("ort,tflite")
+def test_unknown_bench_format_lists_valid():
+    with pytest.raises(UnknownBenchFormatError,
+                       match="tflite.*torch, onnx-sim, ort, coreml, pte"):
+        parse_bench_formats("ort,tflite")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    config = BenchConfig(backends="torch,ort,ort-format,pte", batches=(1, 65), threads=(1,),
+    config = BenchConfig(formats="torch,onnx-sim,ort,pte", batches=(1, 65), threads=(1,),
                          out=str(out), settings=QUICK)
     return benchmark(load_model("od_tinynet", kernel_num=2), config), out
 
 
-def test_every_backend_measures_both_models(report):
+def test_every_format_measures_both_models(report):
     rep, _ = report
     ok = [r for r in rep.rows if r.status == "ok"]
-    assert {(r.backend, r.role) for r in ok if r.batch == 1} == {
-        (b, role) for b in ("torch", "ort", "ort-format", "pte") for role in ("odconv", "static")}
+    assert {(r.format, r.role) for r in ok if r.batch == 1} == {
+        (b, role) for b in ("torch", "onnx-sim", "ort", "pte") for role in ("odconv", "static")}
     for r in ok:
         assert r.latency["n"] == QUICK.iterations and r.latency["median_ms"] > 0
         assert r.cold_start_s > 0 and r.throughput_ips > 0 and r.floor_ms > 0
@@ -64,13 +65,13 @@ def test_every_backend_measures_both_models(report):
 def test_batch_the_artifact_cannot_take_is_skipped_and_sweep_goes_on(report):
     rep, _ = report
     # The .pte declares batch 1..64 (export default); 65 is outside what its runtime accepts.
-    pte65 = [r for r in rep.rows if r.backend == "pte" and r.batch == 65]
+    pte65 = [r for r in rep.rows if r.format == "pte" and r.batch == 65]
     assert pte65 and all(r.status == "skipped" and "batch 65" in r.reason for r in pte65)
-    assert any(r.status == "ok" and r.batch == 65 for r in rep.rows)  # other backends ran
+    assert any(r.status == "ok" and r.batch == 65 for r in rep.rows)  # the other formats ran
 
 
-def test_static_batch_bakes_in_the_first_batch_size(tmp_path):
-    config = BenchConfig(backends="ort", batches=(3, 1), threads=(1,), strategy="auto",
+def test_fixed_batch_bakes_in_the_first_batch_size(tmp_path):
+    config = BenchConfig(formats="onnx-sim", batches=(3, 1), threads=(1,), strategy="auto",
                          dynamic_batch=False, out=str(tmp_path), settings=QUICK)
     rep = benchmark(load_model("od_tinynet", kernel_num=2), config)
     ort3 = [r for r in rep.rows if r.batch == 3]
@@ -101,22 +102,22 @@ def test_missing_backend_package_is_reported_not_fatal(tmp_path, monkeypatch):
                                   f"pip install 'odconv-deploy[{extra}]'")
 
     monkeypatch.setattr(et, "require_backend", missing)
-    config = BenchConfig(backends="pte,torch", batches=(1,), out=str(tmp_path), settings=QUICK)
+    config = BenchConfig(formats="pte,torch", batches=(1,), out=str(tmp_path), settings=QUICK)
     rep = benchmark(load_model("od_tinynet", kernel_num=1), config)
-    pte = [r for r in rep.rows if r.backend == "pte"]
+    pte = [r for r in rep.rows if r.format == "pte"]
     assert all(r.status == "failed" and "pip install 'odconv-deploy[executorch]'" in r.reason
                for r in pte)
-    assert all(r.status == "ok" for r in rep.rows if r.backend == "torch")
+    assert all(r.status == "ok" for r in rep.rows if r.format == "torch")
 
 
 def test_bench_cli(tmp_path, capsys):
-    assert main(["bench", "--model", "od_tinynet", "--kernel-num", "2", "--backends", "ort",
+    assert main(["bench", "--model", "od_tinynet", "--kernel-num", "2", "--formats", "onnx-sim",
                  "--iterations", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "od_tinynet | ort | 1 | 1" in out and (tmp_path / "bench.md").is_file()
+    assert "od_tinynet | onnx-sim | 1 | 1" in out and (tmp_path / "bench.md").is_file()
     before = (tmp_path / "bench.json").read_text()
     # A folder that already holds results is refused before any measurement, not after it.
-    assert main(["bench", "--model", "od_tinynet", "--backends", "ort", "--out",
+    assert main(["bench", "--model", "od_tinynet", "--formats", "onnx-sim", "--out",
                  str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert "bench.json already exists" in err and "--overwrite" in err
@@ -142,11 +143,11 @@ def test_fresh_process_measures_in_a_new_interpreter():
     from odconv_deploy import create_model, reparameterize_model
     from runtime_bench.measure import measure
 
-    (torch_backend,) = parse_backends("torch")
+    (torch_format,) = parse_bench_formats("torch")
     model = reparameterize_model(create_model("od_tinynet", kernel_num=2).eval())
     spec = model.io_spec
     feed = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.sample_inputs(2), strict=True)}
-    make = functools.partial(torch_backend.make, model, spec, None, 1)
+    make = functools.partial(torch_format.make, model, spec, None, 1)
     fresh = measure(make, feed, MeasureSettings(warmup=1, iterations=3, fresh_process=True))
     here = measure(make, feed, MeasureSettings(warmup=1, iterations=3))
     assert fresh.process_id != os.getpid() and here.process_id == os.getpid()
@@ -191,3 +192,14 @@ def test_perf_targets_table_is_rebuilt_from_its_committed_json():
     data = json.loads((results / "perf_targets.json").read_text())
     assert targets_markdown(data["records"], data["machine"]) == (
         results / "perf_targets.md").read_text()
+
+
+def test_depthwise_forms_table_is_rebuilt_from_its_committed_json():
+    from pathlib import Path
+
+    from runtime_bench.depthwise_forms import to_markdown as forms_markdown
+
+    results = Path(__file__).resolve().parents[1] / "runtime_bench" / "results"
+    data = json.loads((results / "depthwise_forms.json").read_text())
+    assert forms_markdown(data["records"], data["machine"], data["iterations"]) == (
+        results / "depthwise_forms.md").read_text()

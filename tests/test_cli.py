@@ -45,10 +45,9 @@ def test_export_cli_fixed_batch_size(tmp_path, capsys):
     import onnx
 
     args = ["export", "--model", "od_tinynet", "--formats", "onnx", "--out", str(tmp_path)]
-    assert main(args + ["--batch-size", "4"]) == 3  # a fixed size needs --static-batch
-    assert "batch_size=4 fixes the batch" in capsys.readouterr().err
+    assert main(args + ["--fixed-batch", "0"]) == 2
     assert not list(tmp_path.iterdir())
-    assert main(args + ["--static-batch", "--batch-size", "4"]) == 0
+    assert main(args + ["--fixed-batch", "4"]) == 0
     graph = onnx.load(str(tmp_path / "od_tinynet.onnx")).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
 
@@ -79,7 +78,7 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
         pytest.skip("this onnxruntime has no NCHWc kernels")
     model = ["--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy", "auto"]
     assert main(["export", *model, "--formats", "onnx", "--out", str(tmp_path),
-                 "--static-batch", "--onnx-target", "ort"]) == 0
+                 "--fixed-batch", "1", "--onnx-target", "onnxruntime"]) == 0
     proto = onnx.load(str(tmp_path / "od_mobilenetv2_050.onnx"))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta[BLOCK_METADATA_KEY] == str(block)
@@ -89,19 +88,20 @@ def test_export_cli_onnx_target_ort_runs_nchwc_kernels_and_validates(tmp_path, c
     assert nchwc_convs == int(layers["ort_nchwc"]) >= 10
     capsys.readouterr()
     assert main(["validate", *model, "--onnx", str(tmp_path / "od_mobilenetv2_050.onnx"),
-                 "--batch", "1", "--static-batch"]) == 0
+                 "--batch", "1", "--fixed-batch", "1"]) == 0
     assert "FAIL" not in capsys.readouterr().out
     # validate exports such a set itself, here with batch 2 baked in, and compares batch 2
-    assert main(["validate", *model, "--formats", "onnx", "--static-batch", "--batch-size", "2",
-                 "--onnx-target", "ort"]) == 0
+    assert main(["validate", *model, "--formats", "onnx", "--fixed-batch", "2",
+                 "--onnx-target", "onnxruntime"]) == 0
     out = capsys.readouterr().out
-    assert "inputs image[2, 3, 224, 224]" in out and "| ort onnx (opt full) | 2 |" in out
+    assert "inputs image[2, 3, 224, 224]" in out and "| onnxruntime onnx (opt full) | 2 |" in out
     assert "validation PASSED" in out
 
 
-def test_validate_cli_refuses_a_batch_size_without_static_batch(capsys):
+def test_validate_cli_refuses_the_old_batch_size_without_a_fixed_batch(capsys):
     assert main(["validate", "--model", "od_tinynet", "--batch-size", "2"]) == 3
-    assert "batch_size=2 fixes the batch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--batch-size is deprecated" in err and "use --fixed-batch 2" in err
 
 
 def test_old_spelling_batches_still_works_and_names_the_new_one(tmp_path, capsys):
@@ -109,6 +109,6 @@ def test_old_spelling_batches_still_works_and_names_the_new_one(tmp_path, capsys
     assert main(args + ["--batches", "2"]) == 0
     captured = capsys.readouterr()
     assert "--batches is deprecated" in captured.err and "use --batch" in captured.err
-    assert "| ort onnx (opt full) | 2 |" in captured.out
+    assert "| onnxruntime onnx (opt full) | 2 |" in captured.out
     assert main(args + ["--batch", "2"]) == 0
     assert "deprecated" not in capsys.readouterr().err

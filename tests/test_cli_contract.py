@@ -31,11 +31,11 @@ def test_run_with_auto_converts_once_per_distinct_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(conversions_module, "convert_model", counting_convert)
     monkeypatch.setattr(reparameterize_module, "verify_layer", counting_verify)
     code = main(["run", "--model", "od_tinynet", "--kernel-num", "2", "--strategy", "auto",
-                 "--quick", "--formats", "onnx,onnx-sim,ort,coreml,pte", "--backends",
-                 "ort,pte,torch", "--out", str(tmp_path)])
+                 "--quick", "--formats", "onnx,onnx-sim,ort,coreml,pte", "--bench-formats",
+                 "onnx-sim,pte,torch", "--out", str(tmp_path)])
     assert code == 0
     plans = Conversions(load_model("od_tinynet", kernel_num=2).model, "auto")
-    distinct = {plans.plan(target, True) for target in ("torch", "onnx", "coreml", "pte")}
+    distinct = {plans.plan(target, True) for target in ("torch", "onnx", "coreml", "executorch")}
     assert len(distinct) == 2  # im2col everywhere (torch, coreml); depthwise_taps (onnx, pte)
     assert len(calls) == len(distinct)
     # every verification came from those conversions: nothing converted behind their back
@@ -60,9 +60,9 @@ def test_every_command_on_every_zoo_model(tmp_path, capsys, name):
         ["convert", *_smoke_args(name), "--out", str(deploy)],
         ["export", "--model", str(deploy), "--formats", "onnx", "--out", str(tmp_path / "export")],
         ["validate", "--model", str(deploy), "--onnx", str(onnx_file), "--batch", "2"],
-        ["bench", "--model", str(deploy), "--backends", "torch", "--iterations", "1",
+        ["bench", "--model", str(deploy), "--formats", "torch", "--iterations", "1",
          "--warmup", "0", "--out", str(tmp_path / "bench")],
-        ["run", "--model", str(deploy), "--formats", "onnx", "--backends", "torch", "--quick",
+        ["run", "--model", str(deploy), "--formats", "onnx", "--bench-formats", "torch", "--quick",
          "--out", str(tmp_path / "run")],
     ]
     for argv in commands:
@@ -76,14 +76,16 @@ def test_every_command_on_every_zoo_model(tmp_path, capsys, name):
 _VALUES = st.one_of(
     st.sampled_from(["od_tinynet", "tinynet", "resnet18", "od_tinynet_digits", "nope",
                      "tests.detector_net:nothing", "os:getcwd", "1,3,32,32", "1,3,x", "0", "-1",
-                     "2", "1,2", "onnx", "tflite", "ort", "torch", "auto", "im2col", ""]),
+                     "2", "1,2", "onnx", "tflite", "ort", "onnx-sim", "torch", "auto", "im2col",
+                     ""]),
     # no digits: a generated number could ask for a huge batch; the sizes above are small
     st.text(alphabet=string.ascii_letters + ",:=.-_", max_size=12),
 )
 _FLAGS = st.sampled_from(["--model", "--kernel-num", "--input-shape", "--model-args",
                           "--formats", "--backends", "--batch", "--batches", "--strategy",
                           "--batch-size", "--iterations", "--checkpoint", "--images",
-                          "--static-batch", "--bogus", "--threads", "--warmup"])
+                          "--static-batch", "--bogus", "--threads", "--warmup", "--fixed-batch",
+                          "--bench-formats"])
 _ARGS = st.lists(st.tuples(_FLAGS, _VALUES), max_size=5)
 
 
@@ -102,8 +104,10 @@ def test_generated_command_lines_end_in_documented_exit_codes(tmp_path_factory, 
         argv += ["--out", str(out / "d.pt")]
     if command in ("export", "validate", "run") and "--formats" not in argv:
         argv += ["--formats", "onnx"]
-    if command in ("bench", "run") and "--backends" not in argv:
-        argv += ["--backends", "torch"]
+    if command == "bench" and not {"--formats", "--backends"} & set(argv):
+        argv += ["--formats", "torch"]
+    if command == "run" and not {"--bench-formats", "--backends"} & set(argv):
+        argv += ["--bench-formats", "torch"]
     if command == "bench":
         argv += ["--iterations", "1", "--warmup", "0"]
     if command == "run":

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers import ODConv2dDeploy
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
 from odconv_deploy.static_twin import derive_static_twin
@@ -30,7 +31,8 @@ def converted(net: torch.nn.Module):
 
 
 def _inputs(batch: int) -> torch.Tensor:
-    return torch.randn(batch, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(batch))
+    (x,) = IOSpec((TensorSpec("image", INPUT_SHAPE),), ()).sample_inputs(batch, seed=batch)
+    return x
 
 
 def _assert_close(actual, expected) -> None:

@@ -115,7 +115,7 @@ def test_equivalence_check_can_fail(strategy):
                                                                block[1], block=4),
                                nn.Identity()).eval()
     else:
-        deploy = (convert_model(block, strategy="auto", target="pte") if groups > 1
+        deploy = (convert_model(block, strategy="auto", target="executorch") if groups > 1
                   else convert_model(block, strategy=strategy)).model
     assert isinstance(deploy[0], LAYER_FORMS[strategy])
     with torch.no_grad():  # every head's bias: one logit alone can sit on a saturated sigmoid

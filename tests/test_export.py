@@ -66,7 +66,7 @@ def test_onnx_dynamic_batch_matches_pytorch(tmp_path, name, k):
     meta = {p.key: p.value for p in __import__("onnx").load(str(result.path)).metadata_props}
     assert meta["model"] == name and meta["strategy"] == "im2col" and "version.torch" in meta
     for batch in (1, 3, 8):
-        x = torch.randn(batch, 3, 224, 224)
+        (x,) = model.io_spec.sample_inputs(batch, seed=batch)
         with torch.no_grad():
             _assert_matches(_run_onnx(result.path, x), model(x))
 
@@ -95,7 +95,7 @@ def test_simplify_and_ort_format(tmp_path):
     assert config.is_file() and "ai.onnx" in config.read_text()
     assert "ai.onnx:MatMul" in orted.details["required_operators"]
     for batch in (1, 3):
-        x = torch.randn(batch, 3, 32, 32)
+        (x,) = model.io_spec.sample_inputs(batch, seed=batch)
         with torch.no_grad():
             _assert_matches(_run_onnx(orted.path, x), model(x))
 
@@ -135,7 +135,7 @@ def test_coreml_predict_matches_pytorch_on_macos(tmp_path):
     result = export_coreml(model, tmp_path / "t.mlpackage", precision="fp32")
     mlmodel = ct.models.MLModel(str(result.path), compute_units=ct.ComputeUnit.CPU_ONLY)
     for batch in (1, 3):
-        x = torch.randn(batch, 3, 32, 32)
+        (x,) = model.io_spec.sample_inputs(batch, seed=batch)
         with torch.no_grad():
             _assert_matches(mlmodel.predict({"image": x.numpy()})["logits"], model(x), 1e-3)
 
@@ -161,7 +161,7 @@ def test_executorch_pte_runs_and_reports_delegation(tmp_path):
     assert json.dumps(result.to_dict())  # JSON-ready
     method = Runtime.get().load_program(str(result.path)).load_method("forward")
     for batch in (1, 3, 16, 64):  # 16+: beyond the bound lowering used to impose
-        x = torch.randn(batch, 3, 32, 32)
+        (x,) = model.io_spec.sample_inputs(batch, seed=batch)
         with torch.no_grad():
             _assert_matches(method.execute([x])[0], model(x))
 

@@ -30,7 +30,8 @@ def _from_the_repo_root(monkeypatch):
 @pytest.fixture(scope="module")
 def detector_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("det_run")
-    code = main(["run", *DETECTOR, "--quick", "--backends", "ort,pte,torch", "--out", str(out)])
+    code = main(["run", *DETECTOR, "--quick", "--bench-formats", "onnx-sim,pte,torch",
+                 "--out", str(out)])
     return code, out
 
 
@@ -70,7 +71,7 @@ def test_convert_then_export_gives_the_artifacts_of_a_direct_export(tmp_path):
     assert [o.name for o in direct.graph.output] == ["p3", "p4", "p5"]
     # the deploy checkpoint validates and benchmarks as well
     assert main(["validate", "--model", str(deploy), "--formats", "onnx,pte"]) == 0
-    assert main(["bench", "--model", str(deploy), "--backends", "torch,ort", "--iterations",
+    assert main(["bench", "--model", str(deploy), "--formats", "torch,onnx-sim", "--iterations",
                  "2", "--warmup", "0", "--out", str(tmp_path / "bench")]) == 0
     # and a deploy checkpoint cannot be given other model arguments
     assert main(["export", "--model", str(deploy), "--kernel-num", "2", "--out",
@@ -139,7 +140,7 @@ def test_several_inputs_by_name(tmp_path):
 def test_a_network_without_odconv_still_exports(tmp_path):
     out = tmp_path / "run"
     code = main(["run", "--model", "torch.nn:Identity", "--input-shape", "1,3,8,8", "--quick",
-                 "--formats", "onnx", "--backends", "torch", "--out", str(out)])
+                 "--formats", "onnx", "--bench-formats", "torch", "--out", str(out)])
     assert code == 0
     steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
     assert steps["convert"]["detail"].startswith("0 ODConv layers converted")

@@ -124,9 +124,9 @@ def net():
 def test_auto_uses_it_for_ort_with_a_fixed_batch_only(net):
     expected_dw = "ort_nchwc" if BLOCK is not None and 16 % BLOCK == 0 else "dynamic_weight"
     layers = {c.name: c.form for c in convert_model(
-        net, strategy="auto", target="ort", dynamic_batch=False).layers}
+        net, strategy="auto", target="onnxruntime", dynamic_batch=False).layers}
     assert layers == {"dw": expected_dw, "pw": "dynamic_weight", "conv": expected_dw}
-    for target, dynamic in (("onnx", False), ("ort", True)):  # portable / any batch: never
+    for target, dynamic in (("onnx", False), ("onnxruntime", True)):  # portable / any batch: never
         choice = AutoStrategy(target, dynamic).choose(inspect_odconv(net.dw))
         assert choice != "ort_nchwc"
 
@@ -134,7 +134,7 @@ def test_auto_uses_it_for_ort_with_a_fixed_batch_only(net):
 @needs_nchwc
 @pytest.mark.parametrize("batch", [1, 2])
 def test_ort_runs_the_nchwc_graph_and_matches(net, tmp_path, batch):
-    result = export_onnx(net, tmp_path / "n.onnx", strategy="auto", target="ort",
+    result = export_onnx(net, tmp_path / "n.onnx", strategy="auto", target="onnxruntime",
                          dynamic_batch=False, batch_size=batch, input_shape=SHAPE)
     assert result.options["layer_forms"] == {"ort_nchwc": 2, "dynamic_weight": 1}
     assert result.options["nchwc_block"] == BLOCK
@@ -180,7 +180,7 @@ def test_other_targets_refuse_ort_nchwc_layers(net, tmp_path):
     model.eval()
     model.conv = OrtNchwcODConv2d.from_spec(inspect_odconv(net.conv), block=8).eval()
     pytest.importorskip("executorch")
-    with pytest.raises(ExportError, match="only ONNX Runtime runs.*pte cannot"):
+    with pytest.raises(ExportError, match="only ONNX Runtime runs.*executorch cannot"):
         export_executorch(model, tmp_path / "x.pte", input_shape=SHAPE, strategy="im2col")
     with pytest.raises(ExportError, match="torchscript exporter only"):
         pytest.importorskip("onnxscript")
@@ -190,13 +190,13 @@ def test_other_targets_refuse_ort_nchwc_layers(net, tmp_path):
 
 
 def test_unknown_onnx_target_is_refused(net, tmp_path):
-    with pytest.raises(ExportError, match="Unknown ONNX target 'tensorrt'.*'onnx', 'ort'"):
+    with pytest.raises(ExportError, match="Unknown ONNX target 'tensorrt'.*'onnx', 'onnxruntime'"):
         export_onnx(net, tmp_path / "x.onnx", target="tensorrt", input_shape=SHAPE)
 
 
 @needs_nchwc
 def test_dynamic_image_size_and_ort_format_keep_the_nchwc_convs(net, tmp_path):
-    result = export_onnx(net, tmp_path / "dyn.onnx", strategy="auto", target="ort",
+    result = export_onnx(net, tmp_path / "dyn.onnx", strategy="auto", target="onnxruntime",
                          dynamic_batch=False, dynamic_spatial=True, input_shape=SHAPE)
     assert result.details["nchwc_convs"] == 2
     with OnnxRuntimeRunner(result.path) as runner, torch.no_grad():
@@ -206,7 +206,7 @@ def test_dynamic_image_size_and_ort_format_keep_the_nchwc_convs(net, tmp_path):
             _assert_matches(got, net(x), rtol=1e-5)
     results = {r.format.value: r for r in export_formats(
         net, tmp_path / "fmt", ["ort"], strategy="auto", dynamic_batch=False,
-        onnx_target="ort", input_shape=SHAPE)}
+        onnx_target="onnxruntime", input_shape=SHAPE)}
     assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
     assert results["onnx"].details["nchwc_convs"] == 2
     x = torch.randn(SHAPE)

@@ -14,7 +14,7 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # strategy auto: each format gets its own per-layer forms (the depthwise conv2 differs).
     code = main(["run", "--model", "od_tinynet_digits", "--quick", "--strategy", "auto",
-                 "--formats", "onnx,onnx-sim,ort,pte", "--backends", "ort,pte",
+                 "--formats", "onnx,onnx-sim,ort,pte", "--bench-formats", "onnx-sim,pte",
                  "--out", str(out)])
     return code, out
 
@@ -53,7 +53,7 @@ def test_failed_step_is_recorded_and_later_steps_still_run(tmp_path, monkeypatch
 
     monkeypatch.setattr(export_run, "export_ort", broken)
     options = PipelineOptions(model="od_tinynet", kernel_num=2, quick=True,
-                              formats=("onnx", "onnx-sim", "ort"), backends=("torch",),
+                              formats=("onnx", "onnx-sim", "ort"), bench_formats=("torch",),
                               out=str(tmp_path))
     report = run_pipeline(options)
     assert not report.ok

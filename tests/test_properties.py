@@ -47,7 +47,7 @@ DYNAMIC_BATCH_STRATEGIES = sorted(s for s, cls in DEPLOY_STRATEGIES.items()
 #: rules differ, so the per-layer forms (depthwise_taps included) are all exercised.
 CONVERSIONS = [(s, {}) for s in DEPLOY_STRATEGIES] + [
     ("auto", {"target": t, "dynamic_batch": b})
-    for t, b in (("onnx", True), ("onnx", False), ("pte", True))]
+    for t, b in (("onnx", True), ("onnx", False), ("executorch", True))]
 
 
 @dataclass(frozen=True)

@@ -651,7 +651,7 @@ def test_validation_figures_are_identical_twice(tmp_path):
     first, second = (_without_timing(r.to_dict()) for r in reports)
     assert first["passed"] and first["comparisons"]
     assert {c["runner"] for c in first["comparisons"]} >= {
-        "torch (deploy form)", "ort onnx (opt off)", "ort onnx (opt full)"}
+        "torch (deploy form)", "onnxruntime onnx (opt off)", "onnxruntime onnx (opt full)"}
     assert {c["batch"] for c in first["comparisons"]} == {1, 3}
     assert json.dumps(first, sort_keys=True, default=str) == json.dumps(
         second, sort_keys=True, default=str)

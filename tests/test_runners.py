@@ -16,6 +16,7 @@ from odconv_deploy.runners import (
     coreml_predict_available,
 )
 from odconv_deploy.synthetic import synthesize_weights
+from odconv_deploy.validation.inputs import seeded_feed
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_runner_contract(artifacts, kind):
         assert runner.is_active
         (meta,) = runner.input_metadata()
         assert meta.name == "image" and meta.shape[1:] == (3, 32, 32) and meta.flexible_batch
-        x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+        x = seeded_feed(artifacts["model"].io_spec, 3)["image"]
         out = runner.infer({"image": x})
         assert runner.last_inference_time is not None and runner.last_inference_time > 0
         with torch.no_grad():
@@ -83,9 +84,9 @@ def test_coreml_predict_unavailable_off_macos_says_why(tmp_path):
 
 @pytest.mark.parametrize("threads,spin", [(1, "1"), (2, "0")])
 def test_bench_ort_pools_spin_only_single_threaded(artifacts, threads, spin):
-    from runtime_bench.backends import BACKENDS
+    from runtime_bench.bench_formats import BENCH_FORMATS
 
-    runner = BACKENDS["ort"].make(None, None, artifacts["onnx"], threads)
+    runner = BENCH_FORMATS["onnx-sim"].make(None, None, artifacts["onnx"], threads)
     with runner:
         options = runner.session.get_session_options()
         try:

@@ -16,11 +16,18 @@ from odconv_deploy import (
     inspect_odconv,
 )
 from odconv_deploy.cli import main
+from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
 from tests.helpers import randomize_odconv
 from tests.test_export import UserNet, _assert_matches, _run_onnx
 
 SHAPE = (1, 3, 32, 32)
+
+
+def _inputs(batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The project's seeded input for UserNet (no io_spec of its own)."""
+    (x,) = IOSpec((TensorSpec("input", SHAPE, dtype),), ()).sample_inputs(batch, seed=batch)
+    return x
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +43,27 @@ def test_rules(user_net):
     # NCHWc kernels where the layer fits the CPU's block (od1 has 3 input channels: never).
     fixed = AutoStrategy("onnx", dynamic_batch=False)
     assert fixed.choose(depthwise) == fixed.choose(dense) == "dynamic_weight"
-    fixed = AutoStrategy("ort", dynamic_batch=False)
+    fixed = AutoStrategy("onnxruntime", dynamic_batch=False)
     block = ort_nchwc_block()
     fits = block is not None and depthwise.in_channels % block == 0
     assert fixed.choose(depthwise) == ("ort_nchwc" if fits else "dynamic_weight")
     assert fixed.choose(dense) == "dynamic_weight"
     strided = inspect_odconv(ODConv2d(8, 8, 3, stride=2, padding=1, groups=8), "strided")
-    for target in ("onnx", "ort"):  # any batch: never batch-baked
+    for target in ("onnx", "onnxruntime"):  # any batch: never batch-baked
         assert AutoStrategy(target, dynamic_batch=True).choose(depthwise) == "depthwise_taps"
         assert AutoStrategy(target, dynamic_batch=True).choose(strided) == "im2col"
         assert AutoStrategy(target, dynamic_batch=True).choose(dense) == "im2col"
     for target, batch_axis in itertools.product(("coreml", "torch"), (True, False)):
         assert AutoStrategy(target, dynamic_batch=batch_axis).choose(depthwise) == "im2col"
     for batch_axis in (True, False):  # XNNPACK: never a computed conv weight
-        assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(depthwise) == "depthwise_taps"
-        assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(strided) == "depthwise_taps"
-        assert AutoStrategy("pte", dynamic_batch=batch_axis).choose(dense) == "im2col"
+        executorch = AutoStrategy("executorch", dynamic_batch=batch_axis)
+        assert executorch.choose(depthwise) == "depthwise_taps"
+        assert executorch.choose(strided) == "depthwise_taps"
+        assert executorch.choose(dense) == "im2col"
 
 
 def test_unknown_target_and_strategy_are_refused(user_net):
-    with pytest.raises(UnsupportedLayerError, match="target 'tflite'.*onnx, ort, coreml, pte"):
+    with pytest.raises(UnsupportedLayerError, match="target 'tflite'.*onnx, onnxruntime, coreml, executorch, torch"):
         convert_model(user_net, strategy="auto", target="tflite")
     with pytest.raises(UnsupportedLayerError, match="Unknown deploy strategy 'fast'.*'auto'"):
         convert_model(user_net, strategy="fast")
@@ -65,14 +73,13 @@ def test_unknown_target_and_strategy_are_refused(user_net):
 def test_auto_mix_is_exact_in_float64(user_net, batch):
     model = user_net.double()
     try:
-        result = convert_model(model, strategy="auto", target="ort")
+        result = convert_model(model, strategy="auto", target="onnxruntime")
         assert result.strategy == "auto"
         assert {c.name: c.form for c in result.layers} == {"od1": "im2col",
                                                               "od2": "depthwise_taps"}
         assert result.layer_forms == {"im2col": 1, "depthwise_taps": 1}
         assert all(c.max_abs_error <= 1e-9 * max(1.0, c.reference_scale) for c in result.layers)
-        x = torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator()
-                        .manual_seed(batch))
+        x = _inputs(batch, torch.float64)
         with torch.no_grad():
             ref, got = model(x), result.model(x)
         assert (got - ref).abs().max().item() <= 1e-10 * max(1.0, ref.abs().max().item())
@@ -88,7 +95,7 @@ def test_fixed_batch_onnx_records_the_mix_and_matches(user_net, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
     assert meta["strategy"] == "auto"
     assert meta["layer_strategies"] == "dynamic_weight:2"
-    x = torch.randn(SHAPE)
+    x = _inputs(1)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
 
@@ -98,7 +105,7 @@ def test_fixed_batch_size_other_than_one_is_baked_in_and_matches(user_net, tmp_p
                          batch_size=4, input_shape=SHAPE)
     assert result.options["batch_size"] == 4
     assert result.input_shapes[result.input_names[0]][0] == 4
-    x = torch.randn(4, 3, 32, 32)
+    x = _inputs(4)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
@@ -129,7 +136,7 @@ def test_dynamic_batch_auto_keeps_every_layer_batch_agnostic(user_net, tmp_path)
     result = export_onnx(user_net, tmp_path / "auto_dyn.onnx", strategy="auto",
                          input_shape=SHAPE)
     assert result.options["layer_forms"] == {"im2col": 1, "depthwise_taps": 1}
-    x = torch.randn(3, 3, 32, 32)
+    x = _inputs(3)
     with torch.no_grad():
         _assert_matches(_run_onnx(result.path, x), user_net(x))
 
@@ -144,7 +151,7 @@ def test_pte_auto_delegates_everything_and_matches(user_net, tmp_path):
     assert result.details["conv_matmul_macs_delegated_share"] == pytest.approx(1.0)
     runner = ExecuTorchRunner(result.path, input_names=result.input_names,
                               input_shapes=result.input_shapes, output_names=result.output_names)
-    x = torch.randn(3, 3, 32, 32)
+    x = _inputs(3)
     with runner, torch.no_grad():
         (got,) = runner.infer({result.input_names[0]: x.numpy()}).values()
         _assert_matches(got, user_net(x))
@@ -160,8 +167,9 @@ def test_export_formats_converts_per_target(user_net, tmp_path):
 
 
 def test_a_forced_dynamic_batch_with_batch_baked_layers_is_refused(user_net, tmp_path):
-    mixed = convert_model(user_net, strategy="auto", target="ort", dynamic_batch=False).model
-    with pytest.raises(ExportError, match="'dynamic_weight' bakes the batch"):
+    mixed = convert_model(user_net, strategy="auto", target="onnxruntime",
+                          dynamic_batch=False).model
+    with pytest.raises(ExportError, match="'dynamic_weight' form bakes the batch"):
         export_onnx(mixed, tmp_path / "x.onnx", input_shape=SHAPE)
     assert not (tmp_path / "x.onnx").exists()
 
@@ -169,7 +177,7 @@ def test_a_forced_dynamic_batch_with_batch_baked_layers_is_refused(user_net, tmp
 def test_cli_convert_auto(tmp_path, capsys):
     out = tmp_path / "auto.pt"
     assert main(["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy",
-                 "auto", "--target", "onnx", "--static-batch", "--out", str(out)]) == 0
+                 "auto", "--target", "onnx", "--fixed-batch", "1", "--out", str(out)]) == 0
     saved = torch.load(out, weights_only=False)
     assert saved["strategy"] == "auto"
     assert saved["layer_strategies"] == {"dynamic_weight": 51}
@@ -184,7 +192,7 @@ def test_cli_convert_auto_for_ort_records_the_nchwc_block(tmp_path):
         pytest.skip("this onnxruntime has no NCHWc kernels")
     out = tmp_path / "auto.pt"
     assert main(["convert", "--model", "od_mobilenetv2_050", "--kernel-num", "2", "--strategy",
-                 "auto", "--target", "ort", "--static-batch", "--out", str(out)]) == 0
+                 "auto", "--target", "onnxruntime", "--fixed-batch", "1", "--out", str(out)]) == 0
     saved = torch.load(out, weights_only=False)
     assert saved["layer_forms"]["features.1.conv.0.0"] == "ort_nchwc"  # 16 channels: fits
     assert saved["layer_forms"]["features.1.conv.1"] == "dynamic_weight"  # 1x1

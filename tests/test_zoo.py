@@ -85,7 +85,7 @@ def test_whole_zoo_deploy_matches_float32(name, kernel_num):
     for strategy in strategies:
         deploy = convert_model(model, strategy=strategy).model
         for batch in (1, 3):
-            x = torch.randn(batch, 3, 96, 80, generator=torch.Generator().manual_seed(batch))
+            (x,) = model.io_spec.with_input_size(96, 80).sample_inputs(batch, seed=batch)
             with torch.no_grad():
                 ref, got = model(x), deploy(x)
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -387,8 +387,8 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
     (spatial attention tiled over the input channels, times the channel attention when
     ``groups == 1``) and, where cheaper than on the output, one row scale (filter attention).
     Broadcasting a ``[1, 1, k, k]`` spatial factor over a 4-D weight instead hits ONNX
-    Runtime's slow short-span broadcast (5.1 ms against 0.7 ms for a 512x512x3x3 weight, one
-    thread). The bias goes into the conv unless the filter attention is applied after it.
+    Runtime's slow short-span broadcast (figures: ``runtime_bench/results/auto_rules.md``).
+    The bias goes into the conv unless the filter attention is applied after it.
     """
 
     form = "dynamic_weight"

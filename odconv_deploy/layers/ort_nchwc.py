@@ -5,14 +5,11 @@ kernels; a standard ``Conv`` whose weight is computed at run time takes the gene
 GEMM path (depthwise: one small GEMM per channel). Its contrib op ``com.microsoft.nchwc.Conv``
 reads the weight from its input, though, so this form keeps the kernel bank in the blocked
 layout and aggregates and scales it there, and the ONNX export replaces its conv with that op
-between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`). Measured on this
-project's x86 machine, 1 thread, kernel_num 4: whole depthwise layers 2.0-2.6x faster than
-``dynamic_weight`` (``python -m runtime_bench.depthwise_forms``; 96 ch at 112x112, stride 2:
-2.26 -> 0.96 ms), od_resnet18's convs 47.9 -> 40.7 ms, the static twin's 40.1
-(``python -m runtime_bench.ort_profile``). 1x1 convs gain nothing (the reorders cost what the
-kernel saves; a one-off script, not committed, timed MobileNetV2's 1x1 shapes: 0.49-0.50 vs
-0.40-0.41 ms at 56x56, at most 5% faster at 7x7), so they are refused here and ``auto`` keeps
-them on ``dynamic_weight``.
+between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`). This brings
+depthwise layers and od_resnet18's convs close to the static twin's kernels; 1x1 convs gain
+nothing (the reorders cost what the kernel saves), so they are refused here and ``auto`` keeps
+them on ``dynamic_weight``. The measurements: ``runtime_bench/results/auto_rules.md`` (and
+``depthwise_forms.md`` beside it for the current per-layer figures).
 
 The block size is the CPU's (8 with AVX2, 16 with AVX-512): a graph is built for one block,
 records it (``ort_nchwc_block`` in the ONNX metadata) and carries a guard that makes ONNX
@@ -142,7 +139,7 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
             raise UnsupportedLayerError(
                 f"Strategy 'ort_nchwc' cannot take the conv {in_channels} -> {out_channels}, "
                 f"kernel {kernel_size}, groups {groups}: {reason}. Note: use strategy='auto' "
-                "with target 'ort', which applies it where it fits.")
+                "with target 'onnxruntime', which applies it where it fits.")
         self.block = block
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
         # Derived constant (not saved): spreads the channel factor over the taps and the
