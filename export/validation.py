@@ -1,18 +1,34 @@
-"""Turn export results into the runners that can execute them, and validate them all."""
+"""Turn export results into the runners that can execute them, and validate them all.
+
+Also the routing check of artifacts: a debug export per format, whose extra outputs are every
+ODConv layer's attentions and output (:mod:`odconv_deploy.validation.routing`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from export.formats import FORMATS
+from export.result import ExportFormat
+from export.run import export_formats
+from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import describe_io, parse_input_shapes
 from odconv_deploy.runners import BackendUnavailableError, Runner, TorchRunner
+from odconv_deploy.validation.compare import DEFAULT_TOLERANCES
+from odconv_deploy.validation.probes import ProbedModel
+from odconv_deploy.validation.routing import RoutingReport, RunnerRouting, check_routing
 from odconv_deploy.validation.validate import Candidate, ValidationReport, validate
+
+#: The formats a routing check exports: one per runtime that computes them. The simplified
+#: ONNX and the ``.ort`` file run in the same ONNX Runtime as the ONNX (and their outputs are
+#: compared with PyTorch by the validation itself).
+ROUTING_FORMATS = (ExportFormat.ONNX, ExportFormat.COREML, ExportFormat.EXECUTORCH)
 
 
 def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None = None,
@@ -58,6 +74,41 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                                               io_spec=io_spec),
                     io_spec, batches=batches, seed=seed, image_folder=image_folder,
                     progress=progress)
+
+
+def routing_agreement(conversions: Conversions, io_spec: IOSpec, out_dir: str | Path, *,
+                      formats: Sequence[ExportFormat] = ROUTING_FORMATS,
+                      dynamic_batch: bool = True, batch_size: int = 1,
+                      onnx_target: str = "onnx", coreml_precision: str = "fp16",
+                      batch: int = 3, seed: int = 0,
+                      progress: Callable[[str], None] = lambda _: None) -> RoutingReport:
+    """Routing agreement of every format in ``formats``, as each would be exported.
+
+    Each format gets the deploy form its artifact has (``conversions`` for its ``auto``
+    target), wrapped in a :class:`ProbedModel` and exported with the same settings under
+    ``out_dir`` (``*_probes.*`` files); its runners then run it beside the probed model in
+    PyTorch on the same seeded input. A debug export that fails is a failed run with the reason.
+    """
+    report = RoutingReport()
+    for fmt in formats:
+        info = FORMATS[fmt]
+        deploy = conversions.get(info.auto_target(onnx_target), dynamic_batch).model
+        probed = ProbedModel(deploy, io_spec)
+        (result,) = [r for r in export_formats(
+            probed, out_dir, [fmt], stem=f"{probed.zoo_name}_probes", io_spec=probed.io_spec,
+            strategy=conversions.strategy, dynamic_batch=dynamic_batch, batch_size=batch_size,
+            onnx_target=onnx_target, coreml_precision=coreml_precision, overwrite=True,
+            progress=progress) if r.format is fmt]
+        if not result.ok:
+            report.runs.append(RunnerRouting(
+                fmt.value, "fp32", batch, DEFAULT_TOLERANCES["fp32"],
+                error=f"the debug export (with every layer's probes) failed: {result.error}"))
+            continue
+        part = check_routing(probed, candidates_for([result]), batch=batch, seed=seed,
+                             progress=progress)
+        report.runs += part.runs
+        report.skipped += part.skipped
+    return report
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -243,7 +244,7 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from export import ExportFormat, artifact_result, export_formats, parse_formats
     from export.prepare import check_batch_size
-    from export.validation import validate_artifacts
+    from export.validation import ROUTING_FORMATS, routing_agreement, validate_artifacts
     from odconv_deploy._atomic import atomic_output, check_writable
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
@@ -283,12 +284,26 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
                                     deploy_model=deploy, batches=batches, seed=args.seed,
                                     image_folder=args.images,
                                     progress=lambda s: console.progress(f"-> {s} ..."))
+        routing = None
+        if not given and not args.no_routing:
+            routing = routing_agreement(
+                conversions, loaded.io_spec, Path(args.out or tmp) / "probes",
+                formats=[r.format for r in results if r.ok and r.format in ROUTING_FORMATS],
+                dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
+                onnx_target=args.onnx_target, seed=args.seed,
+                progress=lambda s: console.progress(f"-> {s} ..."))
     console.info(report.to_markdown())
+    if routing is not None:
+        console.info(routing.to_markdown())
+    elif given:
+        console.info("routing agreement: not checked (it exports the model again with every "
+                     "layer's probes; run validate without --onnx/--ort/--pte/--coreml for it)")
     if args.json:
+        data = {**report.to_dict(), "routing": None if routing is None else routing.to_dict()}
         with atomic_output(args.json, overwrite=True) as path:
-            path.write_text(report.to_json())
+            path.write_text(json.dumps(data, indent=2, default=str))
     failed_exports = [r for r in results if not r.ok]
-    ok = report.passed and not failed_exports
+    ok = report.passed and not failed_exports and (routing is None or routing.passed)
     console.info(f"validation {'PASSED' if ok else 'FAILED'}" + (f" (log: {log})" if log else ""))
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
@@ -482,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random inputs")
     p.add_argument("--images", default=None, help="folder of images to use as inputs")
     exported_set_args(p)
+    p.add_argument("--no-routing", action="store_true",
+                   help="skip the routing check (a second export of onnx/coreml/pte with every "
+                   "ODConv layer's attentions and output as extra outputs, compared per layer)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_cmd_validate)
 

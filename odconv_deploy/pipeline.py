@@ -280,6 +280,31 @@ class _Pipeline:
             return Status.FAILED, detail + f"; FAILED: {', '.join(failed)}", data
         return Status.OK, detail, data
 
+    def routing(self) -> StepOutcome:
+        from export.validation import ROUTING_FORMATS, routing_agreement
+
+        exported = {r.format for r in getattr(self, "exports", []) if r.ok}
+        formats = [f for f in ROUTING_FORMATS if f in exported]
+        if not formats:
+            return Status.SKIPPED, ("no traced format (onnx, coreml, pte) was exported, so "
+                                    "there is nothing to probe"), {}
+        report = routing_agreement(self.conversions, self.loaded.io_spec, self.out / "probes",
+                                   formats=formats, seed=self.o.seed,
+                                   progress=lambda s: self.progress(f"    {s}"))
+        self.report.sections["Routing agreement"] = (
+            report.to_markdown() + "\nDebug exports with every layer's probes as extra "
+            "outputs: `probes/` (not for shipping).\n")
+        data: dict[str, object] = {"routing": report.to_dict()}
+        runs = len(report.runs)
+        failed = [run for run in report.runs if not run.passed]
+        detail = f"{runs - len(failed)}/{runs} runners agree in every ODConv layer" + (
+            f"; {len(report.skipped)} runner(s) skipped (see report)" if report.skipped else "")
+        if failed:
+            where = ", ".join(f"{run.runner}: " + (run.error or (
+                f"first diverging layer {run.first_diverging.layer}")) for run in failed)
+            return Status.FAILED, f"{detail}; FAILED: {where}", data
+        return Status.OK, detail, data
+
     def bench(self) -> StepOutcome:
         from runtime_bench.bench import BenchConfig, benchmark
         from runtime_bench.measure import MeasureSettings
@@ -318,5 +343,6 @@ def run_pipeline(options: PipelineOptions, *,
     run.step("convert", run.convert, needs=("load",))
     run.step("export", run.export, needs=("convert",))
     run.step("validate", run.validate, needs=("convert",))
+    run.step("routing", run.routing, needs=("convert",))
     run.step("benchmark", run.bench, needs=("load",))
     return run.report

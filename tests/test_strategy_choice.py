@@ -63,7 +63,8 @@ def test_rules(user_net):
 
 
 def test_unknown_target_and_strategy_are_refused(user_net):
-    with pytest.raises(UnsupportedLayerError, match="target 'tflite'.*onnx, onnxruntime, coreml, executorch, torch"):
+    with pytest.raises(UnsupportedLayerError,
+                       match="target 'tflite'.*onnx, onnxruntime, coreml, executorch, torch"):
         convert_model(user_net, strategy="auto", target="tflite")
     with pytest.raises(UnsupportedLayerError, match="Unknown deploy strategy 'fast'.*'auto'"):
         convert_model(user_net, strategy="fast")

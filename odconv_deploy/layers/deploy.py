@@ -117,7 +117,7 @@ class ODConv2dDeploy(nn.Module):
                 (width + 2 * self.padding - reach) // self.stride + 1)
 
     def weight_shape(self) -> tuple[int, ...]:
-        """Shape of ``self.weight`` in this strategy's layout (canonical: the train layout)."""
+        """Shape of ``self.weight`` in this form's layout (canonical: the train layout)."""
         return (self.kernel_num, self.out_channels, self.in_channels // self.groups,
                 self.kernel_size, self.kernel_size)
 
