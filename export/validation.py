@@ -90,6 +90,10 @@ def routing_agreement(conversions: Conversions, io_spec: IOSpec, out_dir: str | 
     PyTorch on the same seeded input. A debug export that fails is a failed run with the reason.
     """
     report = RoutingReport()
+    if not conversions.layer_count:
+        report.skipped.append(("every runner", "the model has no ODConv layer, so there is no "
+                               "routing to check"))
+        return report
     for fmt in formats:
         info = FORMATS[fmt]
         deploy = conversions.get(info.auto_target(onnx_target), dynamic_batch).model

@@ -295,6 +295,8 @@ class _Pipeline:
             report.to_markdown() + "\nDebug exports with every layer's probes as extra "
             "outputs: `probes/` (not for shipping).\n")
         data: dict[str, object] = {"routing": report.to_dict()}
+        if report.status is Status.SKIPPED:
+            return Status.SKIPPED, "; ".join(f"{r}: {why}" for r, why in report.skipped), data
         runs = len(report.runs)
         failed = [run for run in report.runs if not run.passed]
         detail = f"{runs - len(failed)}/{runs} runners agree in every ODConv layer" + (

@@ -144,6 +144,8 @@ def test_a_network_without_odconv_still_exports(tmp_path):
     assert code == 0
     steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
     assert steps["convert"]["detail"].startswith("0 ODConv layers converted")
+    assert steps["routing"]["status"] == "skipped" and "no ODConv layer" in steps[
+        "routing"]["detail"]
 
 
 @pytest.mark.parametrize("argv, message", [

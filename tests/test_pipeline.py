@@ -25,15 +25,19 @@ def test_run_writes_complete_report(digits_run):
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] is True
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["load", "convert", "export", "validate", "benchmark"]
+    assert list(steps) == ["load", "convert", "export", "validate", "routing", "benchmark"]
     assert all(s["status"] == "ok" for s in steps.values())
     assert steps["convert"]["data"]["worst_layer_error_fp64"] < 1e-10
     accuracy = steps["validate"]["data"]["accuracy"]
     assert accuracy[0]["accuracy"] > 0.95 and all(r["agreement"] >= 0.99 for r in accuracy)
     md = (out / "report.md").read_text()
-    for heading in ("## Artifacts", "## Validation", "### Test accuracy", "## Latency",
-                    "## Environment"):
+    for heading in ("## Artifacts", "## Validation", "### Test accuracy",
+                    "## Routing agreement", "## Latency", "## Environment"):
         assert heading in md
+    routing = steps["routing"]["data"]["routing"]
+    assert {r["runner"] for r in routing["runs"]} == {
+        "onnxruntime onnx (opt off)", "onnxruntime onnx (opt full)", "executorch (xnnpack)"}
+    assert all(r["passed"] and len(r["layers"]) == 4 for r in routing["runs"])
     assert "| onnx | `od_tinynet_digits.onnx` | " in md
     assert "layers: depthwise_taps:1,im2col:3" in md  # ONNX (dynamic batch) and .pte alike
     assert (out / "artifacts" / "od_tinynet_digits.ort").is_file()
@@ -60,6 +64,7 @@ def test_failed_step_is_recorded_and_later_steps_still_run(tmp_path, monkeypatch
     steps = {s.name: s for s in report.steps}
     assert steps["export"].status == "failed" and "ort" in steps["export"].detail
     assert steps["validate"].status == "ok" and steps["benchmark"].status == "ok"
+    assert steps["routing"].status == "ok"  # the ONNX export it probes did not fail
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ok"] is False
     assert "simulated converter crash" in (tmp_path / "report.md").read_text()

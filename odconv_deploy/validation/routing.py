@@ -19,15 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from odconv_deploy.runners import BackendUnavailableError, TorchRunner
+from odconv_deploy.runners import TorchRunner
 from odconv_deploy.status import Status
 from odconv_deploy.tables import markdown_table
-from odconv_deploy.validation.compare import (
-    DEFAULT_TOLERANCES,
-    OutputComparison,
-    Tolerance,
-    compare_output,
-)
+from odconv_deploy.validation.compare import OutputComparison, Tolerance, compare_output
 from odconv_deploy.validation.inputs import seeded_feed
 from odconv_deploy.validation.probes import PROBE_KINDS, ProbedModel
 from odconv_deploy.validation.validate import Candidate
@@ -194,14 +189,15 @@ def check_routing(probed: ProbedModel, candidates: Sequence[Candidate], *, batch
     expected: dict[int, dict[str, np.ndarray]] = {}
     for cand in candidates:
         progress(f"routing {cand.runner.name}")
-        tolerance = cand.tolerance or DEFAULT_TOLERANCES[cand.precision]
-        try:
-            cand.runner.activate()
-        except BackendUnavailableError as exc:
-            report.skipped.append((cand.runner.name, str(exc)))
+        problem = cand.activate()
+        if problem is not None and problem[0] is Status.SKIPPED:
+            report.skipped.append((cand.runner.name, problem[1]))
             continue
-        run = RunnerRouting(cand.runner.name, cand.precision, batch, tolerance)
+        run = RunnerRouting(cand.runner.name, cand.precision, batch, cand.rule)
         report.runs.append(run)
+        if problem is not None:
+            run.error = problem[1]
+            continue
         try:
             if not cand.runner.accepts_batch(batch):
                 run.batch = next(m.shape[0] for m in cand.runner.input_metadata() if m.shape)

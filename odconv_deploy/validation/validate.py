@@ -27,6 +27,25 @@ class Candidate:
     precision: str = "fp32"
     tolerance: Tolerance | None = None
 
+    @property
+    def rule(self) -> Tolerance:
+        """The tolerance it is checked with: its own, else the precision's default."""
+        return self.tolerance or DEFAULT_TOLERANCES[self.precision]
+
+    def activate(self) -> tuple[Status, str] | None:
+        """Activate the runner; None when it runs, else why not.
+
+        Skipped: a backend this machine lacks; failed: it cannot load the artifact. Both come
+        with the reason.
+        """
+        try:
+            self.runner.activate()
+        except BackendUnavailableError as exc:
+            return Status.SKIPPED, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failed load is a failed check
+            return Status.FAILED, f"{type(exc).__name__}: {exc}"
+        return None
+
 
 @dataclass
 class ValidationReport:
@@ -117,15 +136,15 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
         expected = {b: reference.infer(f) for b, f in feeds.items()}
     for cand in candidates:
         progress(f"validate {cand.runner.name}")
-        tolerance = cand.tolerance or DEFAULT_TOLERANCES[cand.precision]
-        try:
-            cand.runner.activate()
-        except BackendUnavailableError as exc:
-            report.skipped.append((cand.runner.name, str(exc)))
-            continue
-        except Exception as exc:  # noqa: BLE001 - a failed load is a failed validation
-            report.comparisons.append(Comparison(cand.runner.name, 0, tolerance,
-                                                 error=f"{type(exc).__name__}: {exc}"))
+        tolerance = cand.rule
+        problem = cand.activate()
+        if problem is not None:
+            status, reason = problem
+            if status is Status.SKIPPED:
+                report.skipped.append((cand.runner.name, reason))
+            else:
+                report.comparisons.append(Comparison(cand.runner.name, 0, tolerance,
+                                                     error=reason))
             continue
         try:
             taken = [b for b in feeds if cand.runner.accepts_batch(b)]
