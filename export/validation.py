@@ -76,6 +76,12 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                     progress=progress)
 
 
+def routed_formats(results: Sequence[object]) -> list[ExportFormat]:
+    """The formats of :data:`ROUTING_FORMATS` among ``results`` that exported."""
+    exported = {r.format for r in results if r.ok}
+    return [fmt for fmt in ROUTING_FORMATS if fmt in exported]
+
+
 def routing_agreement(conversions: Conversions, io_spec: IOSpec, out_dir: str | Path, *,
                       formats: Sequence[ExportFormat] = ROUTING_FORMATS,
                       dynamic_batch: bool = True, batch_size: int = 1,
@@ -93,6 +99,10 @@ def routing_agreement(conversions: Conversions, io_spec: IOSpec, out_dir: str | 
     if not conversions.layer_count:
         report.skipped.append(("every runner", "the model has no ODConv layer, so there is no "
                                "routing to check"))
+        return report
+    if not formats:
+        report.skipped.append(("every runner", "no traced format (onnx, coreml, pte) was "
+                               "exported, so there is nothing to probe"))
         return report
     for fmt in formats:
         info = FORMATS[fmt]

@@ -244,7 +244,7 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from export import ExportFormat, artifact_result, export_formats, parse_formats
     from export.prepare import check_batch_size
-    from export.validation import ROUTING_FORMATS, routing_agreement, validate_artifacts
+    from export.validation import routed_formats, routing_agreement, validate_artifacts
     from odconv_deploy._atomic import atomic_output, check_writable
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
@@ -288,7 +288,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         if not given and not args.no_routing:
             routing = routing_agreement(
                 conversions, loaded.io_spec, Path(args.out or tmp) / "probes",
-                formats=[r.format for r in results if r.ok and r.format in ROUTING_FORMATS],
+                formats=routed_formats(results),
                 dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
                 onnx_target=args.onnx_target, seed=args.seed,
                 progress=lambda s: console.progress(f"-> {s} ..."))
@@ -368,7 +368,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from runtime_bench.bench_formats import parse_bench_formats
 
     formats = parse_formats(args.formats)  # before any work
-    parse_bench_formats(args.bench_formats)
+    bench_formats = parse_bench_formats(args.bench_formats)
     check_writable(Path(args.out) / "report.json", overwrite=args.overwrite)
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
@@ -376,7 +376,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         trust_pickle=args.trust_pickle, strategy=args.strategy, out=args.out,
         overwrite=args.overwrite, quick=args.quick,
         formats=tuple(f.value for f in formats),
-        bench_formats=tuple(b.strip() for b in args.bench_formats.split(",") if b.strip()),
+        bench_formats=tuple(b.name for b in bench_formats),
         threads=args.threads)
     with _quiet(console, args.out) as log:
         report = run_pipeline(options, progress=console.progress)

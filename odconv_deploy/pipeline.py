@@ -281,15 +281,11 @@ class _Pipeline:
         return Status.OK, detail, data
 
     def routing(self) -> StepOutcome:
-        from export.validation import ROUTING_FORMATS, routing_agreement
+        from export.validation import routed_formats, routing_agreement
 
-        exported = {r.format for r in getattr(self, "exports", []) if r.ok}
-        formats = [f for f in ROUTING_FORMATS if f in exported]
-        if not formats:
-            return Status.SKIPPED, ("no traced format (onnx, coreml, pte) was exported, so "
-                                    "there is nothing to probe"), {}
         report = routing_agreement(self.conversions, self.loaded.io_spec, self.out / "probes",
-                                   formats=formats, seed=self.o.seed,
+                                   formats=routed_formats(getattr(self, "exports", [])),
+                                   seed=self.o.seed,
                                    progress=lambda s: self.progress(f"    {s}"))
         self.report.sections["Routing agreement"] = (
             report.to_markdown() + "\nDebug exports with every layer's probes as extra "

@@ -54,15 +54,18 @@ BENCH_FORMATS: dict[str, BenchFormat] = {b.name: b for b in (
 DEPRECATED_BACKENDS = {"ort": "onnx-sim", "ort-format": "ort"}
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def renamed_backends(text: str) -> str:
     """A 0.1 ``--backends`` list in today's ``--formats`` names."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    return ",".join(DEPRECATED_BACKENDS.get(n, n) for n in names)
+    return ",".join(DEPRECATED_BACKENDS.get(n, n) for n in _names(text))
 
 
 def parse_bench_formats(text: str) -> list[BenchFormat]:
     """``"onnx-sim,pte"`` -> what to time, with a clear error on an unknown name."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = _names(text)
     unknown = [n for n in names if n not in BENCH_FORMATS]
     if unknown or not names:
         raise UnknownBenchFormatError(

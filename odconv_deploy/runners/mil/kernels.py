@@ -383,13 +383,19 @@ def _taps(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
         yield xp[lead + index]
 
 
-def _k_conv(ctx: _OpContext) -> np.ndarray:
+def _conv_inputs(ctx: _OpContext
+                 ) -> tuple[np.ndarray, np.ndarray, list[int], list[int], list[int], int]:
+    """``x``, ``weight``, kernel size, strides, dilations and groups of conv / conv_transpose."""
     x, weight = ctx.tensor("x"), ctx.tensor("weight")
     n = x.ndim - 2
-    kernel = list(weight.shape[2:])
     strides = ctx.ints("strides", None) or [1] * n
     dilations = ctx.ints("dilations", None) or [1] * n
-    groups = ctx.int("groups", 1)
+    return x, weight, list(weight.shape[2:]), strides, dilations, ctx.int("groups", 1)
+
+
+def _k_conv(ctx: _OpContext) -> np.ndarray:
+    x, weight, kernel, strides, dilations, groups = _conv_inputs(ctx)
+    n = x.ndim - 2
     batch, c_in = x.shape[:2]
     c_out, cin_g = weight.shape[:2]
     if c_in != cin_g * groups or c_out % groups:
@@ -1034,12 +1040,8 @@ def _k_conv_transpose(ctx: _OpContext) -> np.ndarray:
     Input pixel ``p`` adds ``x[p] * w[tap]`` to output ``p * stride + tap * dilation`` of the
     full result, which is then cropped (see :func:`_conv_transpose_pads`).
     """
-    x, weight = ctx.tensor("x"), ctx.tensor("weight")
+    x, weight, kernel, strides, dilations, groups = _conv_inputs(ctx)
     n = x.ndim - 2
-    kernel = list(weight.shape[2:])
-    strides = ctx.ints("strides", None) or [1] * n
-    dilations = ctx.ints("dilations", None) or [1] * n
-    groups = ctx.int("groups", 1)
     batch, c_in = x.shape[:2]
     in_sizes = list(x.shape[2:])
     cout_g = weight.shape[1]
