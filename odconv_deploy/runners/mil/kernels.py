@@ -8,8 +8,18 @@ described in :mod:`odconv_deploy.runners.mil.executor`; the op semantics modelle
 - Padding ``same`` for conv and pooling follows the TensorFlow rule that coremltools' shape
   inference uses: total padding ``max((ceil(d/s) - 1)*s + (k - 1)*dil + 1 - d, 0)``, the odd
   element after (``same``) or before (``same_lower``).
-- ``avg_pool`` with ``ceil_mode``: window elements that fall beyond the explicit padding are
-  never counted; explicit padding is counted unless ``exclude_padding_from_average``.
+- Pooling output sizes are coremltools' (under ``ceil_mode`` the last window is dropped only
+  when there is explicit padding); a window wholly past the input is refused. ``avg_pool``
+  divides by the full kernel, ``ceil_mode`` overhang included, unless
+  ``exclude_padding_from_average`` (then by the input elements in the window): Core ML's rule,
+  which differs from PyTorch's ``count_include_pad`` on edge windows under ``ceil_mode``.
+- ``layer_norm``: ``gamma`` / ``beta`` have the shape ``x.shape[axes]`` (axes ascending) and
+  broadcast over the other axes, whichever axes are normalised.
+- ``reshape``: each ``0`` copies the input dim matched from the right, ``1`` when out of range
+  (the iOS17 definition; earlier opsets allow a 0 only with equal ranks, where it agrees).
+- ``topk``: ties keep the lower index first (a stable sort), ``ascending`` and ``sort`` as
+  defined; constexpr ops (compressed weights) take the value coremltools' op definition
+  materialises (``materialized_val_inference``), the decompression Core ML performs at load.
 - ``cast`` from float to integer, and ``real_div`` on integers (shape arithmetic), truncate
   toward zero (the quotient is cast to the declared integer dtype).
 - Resizing (``upsample_*``, ``resize_*``, iOS17 ``resize``) follows the sampling grids of
@@ -65,11 +75,17 @@ def _floating(a: np.ndarray) -> bool:
 
 
 class _OpContext:
-    """The inputs of one op, resolved to NumPy values."""
+    """The inputs of one op, resolved to NumPy values.
 
-    def __init__(self, op: Operation, lookup: Callable[[Var], Any]) -> None:
+    ``per_term``: the op's result is fp16 and the executor models fp16 accumulation, so the
+    accumulating kernels round their running sums to fp16 after every term.
+    """
+
+    def __init__(self, op: Operation, lookup: Callable[[Var], Any], *,
+                 per_term: bool = False) -> None:
         self.op = op
         self._lookup = lookup
+        self.per_term = per_term
 
     def has(self, name: str) -> bool:
         return self.op.inputs.get(name) is not None
@@ -132,6 +148,55 @@ class _OpContext:
 
 
 Kernel = Callable[[_OpContext], Any]
+
+
+# -- accumulation: float32 sums, or fp16 running sums rounded after every term (per_term) ----
+
+def _round16(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float32)
+
+
+def _accumulate(ctx: _OpContext, terms: Iterator[np.ndarray] | Sequence[np.ndarray]
+                ) -> np.ndarray:
+    """The sum of ``terms`` (float32 arrays), in order; fp16 running sums under ``per_term``."""
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+        if ctx.per_term:
+            total = _round16(total)
+    if total is None:
+        raise MILExecutionError("a sum over no terms")
+    return total
+
+
+def _matmul(ctx: _OpContext, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b``; under ``per_term`` a fused multiply-add per term into an fp16 running sum.
+
+    The product of two fp16 values is exact in float32, so each step rounds once, as an fp16
+    FMA does.
+    """
+    if not ctx.per_term or a.ndim < 2 or b.ndim < 2:
+        return np.matmul(a, b)
+    return _accumulate(ctx, (a[..., :, k:k + 1] * b[..., k:k + 1, :]
+                             for k in range(a.shape[-1])))
+
+
+def _sum(ctx: _OpContext, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``x`` summed over ``axes``; under ``per_term`` pairwise in fp16 (a tree of fp16 adds).
+
+    A reduction over a feature map (a global average pool: tens of thousands of terms) is
+    summed as a tree, as GPU reductions are; an fp16 running sum over that many terms stops
+    growing once it dwarfs the terms, which no runtime does.
+    """
+    if not ctx.per_term:
+        return np.sum(x, axis=axes)
+    kept = [d for d in range(x.ndim) if d not in axes]
+    flat = np.transpose(x, kept + list(axes)).reshape([x.shape[d] for d in kept] + [-1])
+    while flat.shape[-1] > 1:
+        if flat.shape[-1] % 2:
+            flat = np.concatenate([flat, np.zeros_like(flat[..., :1])], axis=-1)
+        flat = _round16(flat[..., 0::2] + flat[..., 1::2])
+    return flat[..., 0]
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -292,11 +357,18 @@ def _reduce_axes(ctx: _OpContext, rank: int) -> tuple[int, ...]:
     return tuple(sorted(_axis(a, rank) for a in axes))
 
 
-def _reduction(fn: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> Kernel:
+def _reduction(fn: Callable[[np.ndarray, tuple[int, ...]], np.ndarray] | None = None, *,
+               mean: bool = False) -> Kernel:
+    """A reduce op: ``fn(x, axes)``, or (``fn`` None) a sum, or a mean, through :func:`_sum`."""
     def kernel(ctx: _OpContext) -> np.ndarray:
         x = ctx.tensor("x")
         axes = _reduce_axes(ctx, x.ndim)
-        out = fn(x, axes)
+        if fn is not None:
+            out = fn(x, axes)
+        else:
+            out = _sum(ctx, x, axes)
+            if mean:
+                out = out / np.float32(math.prod(x.shape[a] for a in axes))
         if ctx.bool("keep_dims", False):
             out = np.expand_dims(out, axes)
         return out
@@ -318,7 +390,7 @@ def _reduce_arg(fn: Callable[..., np.ndarray]) -> Kernel:
 
 def _k_linear(ctx: _OpContext) -> np.ndarray:
     x, weight = ctx.tensor("x"), ctx.tensor("weight")
-    out = np.matmul(x, weight.T)
+    out = _matmul(ctx, x, weight.T)
     bias = ctx.tensor("bias", None)
     return out if bias is None else out + bias
 
@@ -329,7 +401,7 @@ def _k_matmul(ctx: _OpContext) -> np.ndarray:
         x = np.swapaxes(x, -1, -2)
     if ctx.bool("transpose_y", False) and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
-    return np.matmul(x, y)
+    return _matmul(ctx, x, y)
 
 
 def _k_einsum(ctx: _OpContext) -> np.ndarray:
@@ -413,7 +485,7 @@ def _k_conv(ctx: _OpContext) -> np.ndarray:
     cols = np.stack(list(_taps(xp, kernel, strides, dilations, out_sizes)), axis=2)
     cols = cols.reshape(batch, groups, cin_g * taps, pixels)
     w = weight.reshape(groups, c_out // groups, cin_g * taps)
-    out = np.matmul(w, cols)  # [B, g, C_out/g, P]
+    out = _matmul(ctx, w, cols)  # [B, g, C_out/g, P]
     out = out.reshape([batch, c_out] + out_sizes)
     bias = ctx.tensor("bias", None)
     if bias is not None:
@@ -421,34 +493,54 @@ def _k_conv(ctx: _OpContext) -> np.ndarray:
     return out
 
 
-def _pool_geometry(ctx: _OpContext, x: np.ndarray) -> tuple[list[int], list[int], list[int],
-                                                                list[int], list[int]]:
-    """kernel, strides, pads (explicit), extra right padding for ceil_mode, output sizes."""
+def _pool_geometry(op_type: str, ctx: _OpContext, x_shape: Sequence[int]
+                   ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """kernel, strides, explicit pads, ceil_mode overhang per axis, output sizes.
+
+    The output size is coremltools' (``spatial_dimensions_out_shape``, the size the MIL
+    program declares): under ``ceil_mode`` the last window is dropped, as in PyTorch, only
+    when there is explicit padding. Without padding Core ML keeps a window that starts past
+    the input (``MaxPool2d(1, 3, ceil_mode=True)`` on 6x6: PyTorch 2x2, Core ML 3x3); what it
+    computes there is not documented, so that case is refused.
+    """
     kernel = ctx.ints("kernel_sizes")
     n = len(kernel)
     strides = ctx.ints("strides", None) or [1] * n
-    sizes = list(x.shape[-n:])
+    sizes = list(x_shape[-n:])
     pads = _explicit_pads(ctx, sizes, kernel, strides, [1] * n)
     ceil_mode = ctx.bool("ceil_mode", False)
-    out_sizes, extra = [], []
+    out_sizes, overhang = [], []
     for i in range(n):
-        span = sizes[i] + pads[2 * i] + pads[2 * i + 1] - kernel[i]
+        size, stride, total = sizes[i], strides[i], pads[2 * i] + pads[2 * i + 1]
         if ceil_mode:
-            o = -(-span // strides[i]) + 1
-            if (o - 1) * strides[i] >= sizes[i] + pads[2 * i]:
+            o = (size + total - kernel[i] + stride - 1) // stride + 1
+            if (o - 1) * stride >= size + total / 2 and total > 0:
                 o -= 1
         else:
-            o = span // strides[i] + 1
+            o = (size + total - kernel[i]) // stride + 1
+        if (o - 1) * stride - pads[2 * i] >= size:
+            raise _refuse(op_type, f"ceil_mode=True on size {size} with kernel {kernel[i]}, "
+                                   f"stride {stride} and no padding gives {o} windows, the last "
+                                   "wholly past the input (PyTorch drops it; its Core ML value "
+                                   "is not documented)")
         out_sizes.append(o)
-        extra.append(max((o - 1) * strides[i] + kernel[i] - (span + kernel[i]), 0))
-    return kernel, strides, pads, extra, out_sizes
+        overhang.append(max((o - 1) * stride + kernel[i] - size - total, 0))
+    return kernel, strides, pads, overhang, out_sizes
 
 
 def _pool(ctx: _OpContext, mode: str) -> np.ndarray:
+    """Max, average or L2 pooling; the ceil_mode overhang holds no values.
+
+    ``avg_pool`` divides by the full kernel unless ``exclude_padding_from_average``, also on
+    windows that hang over the input under ``ceil_mode``: that is Core ML's rule (coremltools
+    issue 2772, PR 2844), where PyTorch's ``count_include_pad`` counts only explicit padding.
+    With ``exclude_padding_from_average`` the divisor is the number of input elements.
+    """
+    op_type = f"{mode}_pool"
     x = ctx.tensor("x")
-    kernel, strides, pads, extra, out_sizes = _pool_geometry(ctx, x)
+    kernel, strides, pads, overhang, out_sizes = _pool_geometry(op_type, ctx, x.shape)
     n = len(kernel)
-    full = [p for i in range(n) for p in (pads[2 * i], pads[2 * i + 1] + extra[i])]
+    full = [p for i in range(n) for p in (pads[2 * i], pads[2 * i + 1] + overhang[i])]
     ones = [1] * n
     if mode == "max":
         xp = _pad_spatial(x, full, -np.inf)
@@ -457,15 +549,12 @@ def _pool(ctx: _OpContext, mode: str) -> np.ndarray:
         xp = _pad_spatial(x * x, full, 0.0)
         return np.sqrt(np.add.reduce(list(_taps(xp, kernel, strides, ones, out_sizes))))
     xp = _pad_spatial(x, full, 0.0)
-    total = np.add.reduce(list(_taps(xp, kernel, strides, ones, out_sizes)))
-    # Count of window elements: inside x, plus explicit padding unless it is excluded.
-    exclude = ctx.bool("exclude_padding_from_average", False)
-    counted = np.ones(x.shape[-n:], dtype=np.float32)
-    counted = np.pad(counted, [(pads[2 * i], pads[2 * i + 1]) for i in range(n)],
-                     constant_values=0.0 if exclude else 1.0)
-    counted = np.pad(counted, [(0, e) for e in extra], constant_values=0.0)
-    count = np.add.reduce(list(_taps(counted, kernel, strides, ones, out_sizes)))
-    return total / np.maximum(count, 1.0)
+    total = _accumulate(ctx, _taps(xp, kernel, strides, ones, out_sizes))
+    if not ctx.bool("exclude_padding_from_average", False):
+        return total / np.float32(math.prod(kernel))
+    inside = _pad_spatial(np.ones(x.shape[-n:], dtype=np.float32), full, 0.0)
+    count = np.add.reduce(list(_taps(inside, kernel, strides, ones, out_sizes)))
+    return total / count
 
 
 def _channel_affine(ctx: _OpContext, x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -497,25 +586,32 @@ def _k_instance_norm(ctx: _OpContext) -> np.ndarray:
 
 def _k_layer_norm(ctx: _OpContext) -> np.ndarray:
     x = ctx.tensor("x")
-    axes = _reduce_axes(ctx, x.ndim)
+    axes = tuple(sorted(_reduce_axes(ctx, x.ndim)))
     mean = x.mean(axis=axes, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
     out = (x - mean) / np.sqrt(var + np.float32(ctx.float("epsilon", 1e-5)))
-    # gamma/beta have the shape of the normalized (trailing) dims.
+    # gamma / beta have the shape x.shape[axes]; they broadcast over the other axes.
+    normalised = [x.shape[d] if d in axes else 1 for d in range(x.ndim)]
     gamma, beta = ctx.tensor("gamma", None), ctx.tensor("beta", None)
     if gamma is not None:
-        out = out * gamma
+        out = out * gamma.reshape(normalised)
     if beta is not None:
-        out = out + beta
+        out = out + beta.reshape(normalised)
     return out
 
 
 def _k_reshape(ctx: _OpContext) -> np.ndarray:
+    """Reshape; each ``0`` in ``shape`` copies an input dim, matched from the right.
+
+    That is the iOS17 rule (a ``0`` with no input dim at its position becomes 1); before
+    iOS17 coremltools requires equal ranks whenever ``shape`` holds a 0, where the two rules
+    agree.
+    """
     x = np.asarray(ctx.raw("x"))
     shape = ctx.ints("shape")
-    if len(shape) == x.ndim:  # 0 copies the input dim (only when the ranks agree)
-        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return x.reshape(shape)
+    offset = x.ndim - len(shape)
+    return x.reshape([s if s != 0 else (x.shape[i + offset] if i + offset >= 0 else 1)
+                      for i, s in enumerate(shape)])
 
 
 def _k_transpose(ctx: _OpContext) -> np.ndarray:
@@ -697,6 +793,43 @@ def _k_reverse(ctx: _OpContext) -> np.ndarray:
     x = np.asarray(ctx.raw("x"))
     axes = ctx.ints("axes", None)
     return np.flip(x, axis=None if axes is None else tuple(axes))
+
+
+def _k_topk(ctx: _OpContext) -> np.ndarray | list[np.ndarray]:
+    """The ``k`` largest (or, ``ascending``, smallest) values along ``axis``, and their indices.
+
+    Ties keep the lower index first (a stable sort). ``sort=False`` leaves the order
+    unspecified, so it is refused rather than given one order that a consumer might rely on.
+    """
+    if not ctx.bool("sort", True):
+        raise _refuse("topk", "sort=False leaves the order of the k elements unspecified")
+    x = np.asarray(ctx.raw("x"))
+    axis = _axis(ctx.int("axis", -1), x.ndim)
+    k = ctx.int("k", 1)
+    if k > x.shape[axis]:
+        raise MILExecutionError(f"topk: k={k} exceeds the axis size {x.shape[axis]}")
+    keys = x if ctx.bool("ascending", False) else -x.astype(np.float64 if _floating(x)
+                                                               else np.int64)
+    order = np.argsort(keys, axis=axis, kind="stable")
+    indices = np.take(order, np.arange(k), axis=axis)
+    values = np.take_along_axis(x, indices, axis=axis)
+    if not ctx.bool("return_indices", True):
+        return values
+    return [values, indices.astype(np.int32)]
+
+
+def _k_constexpr(ctx: _OpContext) -> Any:
+    """A compressed constant (``constexpr_*``): the value coremltools' op definition gives.
+
+    ``materialized_val_inference`` is the decompression coremltools specifies for each
+    constexpr op (dequantisation, palette lookup, sparse scatter, and their iOS18
+    combinations); Core ML performs it when the model loads. Ops with two outputs (the
+    iOS18 ``*_to_sparse`` forms) return both.
+    """
+    op = ctx.op
+    materialise = getattr(op, "materialized_val_inference", None) or op.value_inference
+    value = materialise()
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _k_pixel_shuffle(ctx: _OpContext) -> np.ndarray:
@@ -1057,10 +1190,12 @@ def _k_conv_transpose(ctx: _OpContext) -> np.ndarray:
     out = np.zeros([batch, groups, cout_g] + full, dtype=np.float32)
     lead = (slice(None),) * 3
     for t, offsets in enumerate(itertools.product(*(range(k) for k in kernel))):
-        contrib = np.matmul(wg[..., t], xg).reshape([batch, groups, cout_g] + in_sizes)
+        contrib = _matmul(ctx, wg[..., t], xg).reshape([batch, groups, cout_g] + in_sizes)
         index = tuple(slice(o * d, o * d + (size - 1) * s + 1, s)
                       for o, d, s, size in zip(offsets, dilations, strides, in_sizes, strict=True))
         out[lead + index] += contrib
+        if ctx.per_term:
+            out[lead + index] = _round16(out[lead + index])
     out = out.reshape([batch, groups * cout_g] + full)
     crop = tuple(slice(pads[2 * i], full[i] - pads[2 * i + 1]) for i in range(n))
     out = out[(slice(None), slice(None)) + crop]
@@ -1098,6 +1233,13 @@ def _precheck_conv_transpose(op: Operation, ctx: _OpContext) -> None:
             raise _refuse("conv_transpose", f"pad_type '{pad_type}' is not documented")
 
 
+def _precheck_pool(op: Operation, ctx: _OpContext) -> None:
+    n = len(ctx.ints("kernel_sizes"))
+    sizes = _static_dims(op.inputs["x"], n)
+    if sizes is not None:
+        _pool_geometry(op.op_type, ctx, sizes)
+
+
 def _precheck_resize_nearest_neighbor(op: Operation, ctx: _OpContext) -> None:
     sizes = _static_dims(op.inputs["x"], 2)
     if sizes is not None:
@@ -1121,6 +1263,7 @@ _PRECHECKS: dict[str, Callable[[Operation, _OpContext], Any]] = {
     "resize_nearest_neighbor": _precheck_resize_nearest_neighbor,
     "resize": _precheck_resize,
     "conv_transpose": _precheck_conv_transpose,
+    **{pool: _precheck_pool for pool in ("max_pool", "avg_pool", "l2_pool")},
 }
 
 
@@ -1226,8 +1369,8 @@ _KERNELS: dict[str, Kernel] = {
     "inverse": _eps_unary(lambda x, eps: 1.0 / (x + eps), 1e-4),
     "softmax": _k_softmax,
     # reductions (accumulated in float32)
-    "reduce_mean": _reduction(lambda x, a: np.mean(x, axis=a)),
-    "reduce_sum": _reduction(lambda x, a: np.sum(x, axis=a)),
+    "reduce_mean": _reduction(mean=True),
+    "reduce_sum": _reduction(),
     "reduce_max": _reduction(lambda x, a: np.max(x, axis=a)),
     "reduce_min": _reduction(lambda x, a: np.min(x, axis=a)),
     "reduce_prod": _reduction(lambda x, a: np.prod(x, axis=a)),
@@ -1277,6 +1420,7 @@ _KERNELS: dict[str, Kernel] = {
     "reverse": _k_reverse,
     "pixel_shuffle": _k_pixel_shuffle,
     "pixel_unshuffle": _k_pixel_unshuffle,
+    "topk": _k_topk,
     "band_part": _k_band_part,
     # image resizing and upsampling (detector necks)
     "upsample_nearest_neighbor": _k_upsample_nearest_neighbor,
@@ -1287,6 +1431,12 @@ _KERNELS: dict[str, Kernel] = {
     "crop": _k_crop,
     "conv_transpose": _k_conv_transpose,
 }
+
+# compressed constants (coremltools.optimize, iOS16 and iOS18 forms)
+_KERNELS.update({name: _k_constexpr for name in (
+    "constexpr_affine_dequantize", "constexpr_cast",
+    "constexpr_lut_to_dense", "constexpr_sparse_to_dense", "constexpr_blockwise_shift_scale",
+    "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale")})
 
 #: Op types the executor has a kernel for.
 SUPPORTED_OPS: frozenset[str] = frozenset(_KERNELS)
