@@ -21,9 +21,11 @@ from odconv_deploy.runners import (
     OnnxRuntimeRunner,
     Runner,
 )
+from odconv_deploy.validation.fp16_bounds import Fp16ErrorModel
+from odconv_deploy.validation.validate import Candidate
 
-#: (runner, precision its artifact computes in) pairs for validation.
-ValidationRunners = list[tuple[Runner, str]]
+#: The runners that validate an artifact, each with its precision (and error model).
+ValidationRunners = list[Candidate]
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,33 @@ class FormatInfo:
 
 def _ort_levels(tag: str) -> Callable[[ExportResult], ValidationRunners]:
     def runners(result: ExportResult) -> ValidationRunners:
-        return [(OnnxRuntimeRunner(str(result.path), optimization=level,
-                                   name=f"onnxruntime {tag} (opt {level})"), "fp32")
+        return [Candidate(OnnxRuntimeRunner(str(result.path), optimization=level,
+                                            name=f"onnxruntime {tag} (opt {level})"))
                 for level in ("off", "full")]
     return runners
 
 
 def _coreml_runners(result: ExportResult) -> ValidationRunners:
+    """The MIL executor (fp16: rounded per op, and with fp16 accumulation) and Core ML predict.
+
+    An fp16 program is checked against tolerances its own rounding spreads give
+    (:class:`~odconv_deploy.validation.fp16_bounds.Fp16ErrorModel`, measured once per batch).
+    """
     precision = str(result.options.get("precision", "fp16"))
-    return [(MILReferenceRunner(str(result.path),
-                                name=f"coreml {precision} (MIL reference executor)"), precision),
-            (CoreMLRunner(str(result.path), name=f"coreml {precision} (predict)"), precision)]
+    path = str(result.path)
+    if precision != "fp16":
+        return [Candidate(MILReferenceRunner(path, name=f"coreml {precision} (MIL reference "
+                                                        "executor)"), precision),
+                Candidate(CoreMLRunner(path, name=f"coreml {precision} (predict)"), precision)]
+    bounds = Fp16ErrorModel(path)
+    return [Candidate(MILReferenceRunner(path, name="coreml fp16 (MIL, rounded per op)"),
+                      precision, tolerance_for=bounds.tolerance_of("per_op")),
+            Candidate(MILReferenceRunner(path, rounding="per_term",
+                                         name="coreml fp16 (MIL, fp16 accumulation)"),
+                      precision, tolerance_for=bounds.tolerance_of("per_term")),
+            # a device may accumulate in fp16: predict is held to the pessimistic bound
+            Candidate(CoreMLRunner(path, name="coreml fp16 (predict)"), precision,
+                      tolerance_for=bounds.tolerance_of("per_term"))]
 
 
 #: ONNX Runtime's idle pool threads spin by default; with several threads the benchmark turns
@@ -100,14 +118,14 @@ FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
                (ExportFormat.ONNX,), "onnx", _ort_levels("onnx-sim"), _ort_bench("onnx-sim")),
     FormatInfo(ExportFormat.ORT, ".ort", "ORT format for ONNX Runtime Mobile",
                (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx",
-               lambda r: [(OnnxRuntimeRunner(str(r.path), name="onnxruntime (.ort format)"),
-                           "fp32")],
+               lambda r: [Candidate(OnnxRuntimeRunner(str(r.path),
+                                                      name="onnxruntime (.ort format)"))],
                _ort_bench("ort")),
     FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
                _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml")),
     FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
                "executorch",
-               lambda r: [(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"), "fp32")],
+               lambda r: [Candidate(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"))],
                lambda r, threads: ExecuTorchRunner.from_export(r, threads=threads, name="pte")),
 )}
 

@@ -126,12 +126,28 @@ def artifact_result(fmt: ExportFormat, path: str | os.PathLike, io_spec: IOSpec,
     path = Path(path)
     if not path.exists():
         raise ExportError(f"Artifact {path} does not exist.")
+    notes = ["described from an existing file"]
+    options: dict[str, object] = {}
+    if fmt is ExportFormat.COREML:
+        options["precision"] = _coreml_precision(path, notes)
     return ExportResult(
         format=fmt, path=path, input_names=io_spec.input_names,
         output_names=io_spec.output_names,
         input_shapes=spec_shapes(io_spec.inputs, dynamic_batch),
         output_shapes=spec_shapes(io_spec.outputs, dynamic_batch),
-        file_size_bytes=path_size(path), notes=["described from an existing file"])
+        file_size_bytes=path_size(path), options=options, notes=notes)
+
+
+def _coreml_precision(path: Path, notes: list[str]) -> str:
+    """The precision an .mlpackage's metadata records (our exports write it), else fp16."""
+    from odconv_deploy.errors import require_backend
+
+    ct = require_backend("coremltools", extra="coreml", purpose="Reading a Core ML artifact")
+    recorded = ct.utils.load_spec(str(path)).description.metadata.userDefined.get("precision")
+    if recorded in ("fp16", "fp32"):
+        return recorded
+    notes.append("no precision in its metadata: checked as fp16 (the mlprogram default)")
+    return "fp16"
 
 
 def fspath(path: str | os.PathLike) -> Path:

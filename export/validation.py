@@ -21,9 +21,15 @@ from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import describe_io, parse_input_shapes
 from odconv_deploy.runners import BackendUnavailableError, Runner, TorchRunner
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES
+from odconv_deploy.validation.golden import Golden, GoldenRunner, check_golden_artifact
 from odconv_deploy.validation.probes import ProbedModel
 from odconv_deploy.validation.routing import RoutingReport, RunnerRouting, check_routing
-from odconv_deploy.validation.validate import Candidate, ValidationReport, validate
+from odconv_deploy.validation.validate import (
+    Candidate,
+    ValidationReport,
+    validate,
+    validate_feeds,
+)
 
 #: The formats a routing check exports: one per runtime that computes them. The simplified
 #: ONNX and the ``.ort`` file run in the same ONNX Runtime as the ONNX (and their outputs are
@@ -47,8 +53,7 @@ def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None 
                                "fp32"))
     for result in results:
         if result.ok:
-            found += [Candidate(runner, precision)
-                      for runner, precision in FORMATS[result.format].validation_runners(result)]
+            found += FORMATS[result.format].validation_runners(result)
     return found
 
 
@@ -74,6 +79,22 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                                               io_spec=io_spec),
                     io_spec, batches=batches, seed=seed, image_folder=image_folder,
                     progress=progress)
+
+
+def check_against_golden(golden: Golden, result: object, *, classifier: bool = False,
+                         progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
+    """Check a Core ML artifact's runners against outputs recorded from Core ML ``predict``.
+
+    The reference replays the recorded outputs on the recorded inputs; the candidates are the
+    format's runners (the MIL executor, and ``predict`` where it runs), with the tolerances
+    they have in validation.
+
+    Raises:
+        GoldenError: The golden outputs were recorded for another artifact.
+    """
+    check_golden_artifact(golden, result.path)
+    return validate_feeds(GoldenRunner(golden), candidates_for([result]), golden.feeds,
+                          classifier=classifier, progress=progress)
 
 
 def routed_formats(results: Sequence[object]) -> list[ExportFormat]:

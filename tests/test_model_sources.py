@@ -49,7 +49,13 @@ def test_run_on_the_detector_every_format_with_a_report(detector_run):
     names = {o["name"] for c in comparisons for o in c["outputs"]}
     assert names == {"p3", "p4", "p5"}  # the dict's keys, figures per output
     assert all(o["top1_agreement"] is None for c in comparisons for o in c["outputs"])
-    assert any("MIL reference executor" in c["runner"] for c in comparisons)
+    # Core ML fp16 through the MIL executor, rounded per op and with fp16 accumulation, each
+    # within the tolerance the program's own rounding spreads give (not a constant).
+    mil = {c["runner"]: c for c in comparisons if "(MIL" in c["runner"]}
+    assert set(mil) == {"coreml fp16 (MIL, rounded per op)", "coreml fp16 (MIL, fp16 accumulation)"}
+    assert all(c["passed"] for c in mil.values())
+    per_op = [c["tolerance"]["rtol"] for c in mil.values() if "per op" in c["runner"]]
+    assert max(per_op) < 3e-2 / 3
     rows = steps["benchmark"]["data"]["rows"]
     assert {(r["role"], r["model"]) for r in rows} == {("odconv", "build_detector"),
                                                        ("static", "build_detector_static")}
@@ -57,6 +63,21 @@ def test_run_on_the_detector_every_format_with_a_report(detector_run):
     md = (out / "report.md").read_text()
     assert "# odconv-deploy report: build_detector" in md and "| p5 |" in md
     assert (out / "odconv-deploy.log").is_file()
+
+
+def test_detector_through_the_mil_executor_in_fp32(tmp_path, capsys):
+    assert main(["export", *DETECTOR, "--formats", "coreml", "--coreml-precision", "fp32",
+                 "--out", str(tmp_path)]) == 0
+    code = main(["validate", *DETECTOR, "--coreml", str(tmp_path / "build_detector.mlpackage"),
+                 "--json", str(tmp_path / "v.json")])  # the precision is read from the file
+    assert code == 0, capsys.readouterr().out
+    data = json.loads((tmp_path / "v.json").read_text())
+    mil = [c for c in data["comparisons"] if "MIL" in c["runner"]]
+    assert [c["batch"] for c in mil] == [1, 3] and all(c["passed"] for c in mil)
+    assert {c["runner"] for c in mil} == {"coreml fp32 (MIL reference executor)"}
+    for c in mil:
+        assert c["tolerance"]["rtol"] == 1e-4  # the fp32 rule, from the file's precision
+        assert {o["name"] for o in c["outputs"]} == {"p3", "p4", "p5"}
 
 
 def test_convert_then_export_gives_the_artifacts_of_a_direct_export(tmp_path):

@@ -82,13 +82,17 @@ class MILReferenceRunner(Runner):
     Args:
         source: ``.mlpackage`` path or an in-memory ``MLModel``.
         name: Display name.
+        rounding: The executor's fp16 model: ``"per_op"`` (optimistic), ``"per_term"``
+            (fp16 accumulation, pessimistic) or ``"none"``.
     """
 
     backend = "coreml-mil-reference"
 
-    def __init__(self, source: str | os.PathLike | object, *, name: str | None = None) -> None:
+    def __init__(self, source: str | os.PathLike | object, *, name: str | None = None,
+                 rounding: str = "per_op") -> None:
         super().__init__(name=name)
         self.source = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
+        self.rounding = rounding
         self.executor = None
         self._spec = None
 
@@ -99,7 +103,7 @@ class MILReferenceRunner(Runner):
         model = (ct.models.MLModel(self.source, skip_model_load=True)
                  if isinstance(self.source, str) else self.source)
         self._spec = model.get_spec()
-        self.executor = MILExecutor(load_mil_program(self.source))
+        self.executor = MILExecutor(load_mil_program(self.source), rounding=self.rounding)
         self.executor.check_supported()
 
     def deactivate_impl(self) -> None:  # noqa: D102

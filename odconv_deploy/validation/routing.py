@@ -205,7 +205,9 @@ def check_routing(probed: ProbedModel, candidates: Sequence[Candidate], *, batch
             if run.batch not in expected:
                 with reference:
                     expected[run.batch] = reference.infer(feed)
-            _agreement(probed, expected[run.batch], cand.runner.infer(feed), run)
+            got = cand.runner.infer(feed)
+            run.tolerance = cand.rule_for(feed)
+            _agreement(probed, expected[run.batch], got, run)
         except Exception as exc:  # noqa: BLE001 - a failed run is a failed check, recorded
             run.error = f"{type(exc).__name__}: {exc}"
         finally:

@@ -14,23 +14,33 @@ from odconv_deploy.runners.coreml_runner import BackendUnavailableError
 from odconv_deploy.status import Status
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES, Comparison, Tolerance, compare
-from odconv_deploy.validation.inputs import feed_issues, image_folder_feed, seeded_feed
+from odconv_deploy.validation.inputs import feed_issues, validation_feeds
 
 FP16_MAX = 65504.0
 
 
 @dataclass
 class Candidate:
-    """A runner to check, the precision its artifact computes in, and an optional tolerance."""
+    """A runner to check, the precision its artifact computes in, and an optional tolerance.
+
+    ``tolerance_for`` derives the tolerance from the inputs (an error model, e.g. the fp16
+    rounding spread of :class:`~odconv_deploy.validation.fp16_bounds.Fp16ErrorModel`); it
+    takes precedence over ``tolerance``.
+    """
 
     runner: Runner
     precision: str = "fp32"
     tolerance: Tolerance | None = None
+    tolerance_for: Callable[[dict[str, np.ndarray]], Tolerance] | None = None
 
     @property
     def rule(self) -> Tolerance:
-        """The tolerance it is checked with: its own, else the precision's default."""
+        """The fixed tolerance: its own, else the precision's default."""
         return self.tolerance or DEFAULT_TOLERANCES[self.precision]
+
+    def rule_for(self, feed: dict[str, np.ndarray]) -> Tolerance:
+        """The tolerance for outputs on ``feed``: derived when an error model is set."""
+        return self.tolerance_for(feed) if self.tolerance_for is not None else self.rule
 
     def activate(self) -> tuple[Status, str] | None:
         """Activate the runner; None when it runs, else why not.
@@ -94,6 +104,9 @@ class ValidationReport:
         lines = [f"Reference: {self.reference}", "", *markdown_table(
             ["runner", "batch", "output", "max abs", "max rel", "cosine", "SQNR dB", "top-1",
              "verdict"], rows)]
+        defaults = set(DEFAULT_TOLERANCES.values())
+        lines += [f"- tolerance of {c.runner} at batch {c.batch}: {c.tolerance.rule}"
+                  for c in self.comparisons if c.tolerance not in defaults]
         lines += [f"- input issue: {i}" for i in self.input_issues]
         lines += [f"- skipped {r}: {why}" for r, why in self.skipped]
         return "\n".join(lines) + "\n"
@@ -126,12 +139,19 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
         image_folder: Use real images from this folder instead of random inputs.
         progress: Told which runner is being checked.
     """
+    feeds = validation_feeds(io_spec, batches, seed=seed, image_folder=image_folder)
+    return validate_feeds(reference, candidates, feeds,
+                          classifier=io_spec.task == "classification", progress=progress)
+
+
+def validate_feeds(reference: Runner, candidates: Sequence[Candidate],
+                   feeds: dict[int, dict[str, np.ndarray]], *, classifier: bool = False,
+                   progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
+    """:func:`validate` on given inputs, one feed per batch size (e.g. recorded ones)."""
     report = ValidationReport(reference=reference.name)
-    feeds = {b: (image_folder_feed(image_folder, io_spec, b) if image_folder
-                 else seeded_feed(io_spec, b, seed=seed + b)) for b in batches}
+    batches = tuple(feeds)
     for batch, feed in feeds.items():
         report.input_issues += [f"batch {batch}: {i}" for i in feed_issues(feed)]
-    classifier = io_spec.task == "classification"
     with reference:
         expected = {b: reference.infer(f) for b, f in feeds.items()}
     for cand in candidates:
@@ -160,11 +180,12 @@ def validate(reference: Runner, candidates: Sequence[Candidate], io_spec: IOSpec
                     continue
                 try:
                     got = cand.runner.infer(feed)
+                    rule = cand.rule_for(feed)
                 except Exception as exc:  # noqa: BLE001 - recorded with the comparison
                     report.comparisons.append(Comparison(cand.runner.name, batch, tolerance,
                                                          error=f"{type(exc).__name__}: {exc}"))
                     continue
-                result = compare(cand.runner.name, batch, expected[batch], got, tolerance,
+                result = compare(cand.runner.name, batch, expected[batch], got, rule,
                                  classifier=classifier)
                 if cand.precision == "fp16":
                     issue = _fp16_range_issue(expected[batch])

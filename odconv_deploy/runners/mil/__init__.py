@@ -11,8 +11,9 @@ PyTorch function under Core ML's op semantics as modelled here (the kernels foll
 coremltools' MIL op definitions and op tests, and refuse what those leave undocumented). It
 does not catch bugs in the Core ML runtime itself, nor differences between compute units
 (CPU, GPU, Neural Engine), which may pick other kernels, accumulate differently or round
-elsewhere; fp16 is modelled as one rounding per op (inputs read as stored, computed in
-float32, the result rounded once to the declared dtype).
+elsewhere. fp16 is bracketed: one rounding per op (inputs read as stored, computed in float32,
+the result rounded once; optimistic) and fp16 accumulation (running sums rounded after every
+term; pessimistic), see ``MILExecutor(rounding=...)``.
 
 Modules, each importing only the ones below it:
 
@@ -29,11 +30,17 @@ Typical use::
     outputs = execute_mil(mlmodel_or_mlpackage_path, {"image": batch})  # {"logits": array}
 """
 
-from odconv_deploy.runners.mil.executor import MILExecutionError, MILExecutor, execute_mil
+from odconv_deploy.runners.mil.executor import (
+    ROUNDINGS,
+    MILExecutionError,
+    MILExecutor,
+    execute_mil,
+)
 from odconv_deploy.runners.mil.kernels import SUPPORTED_OPS, UnsupportedMILOpError
 from odconv_deploy.runners.mil.loader import MILProgramError, load_mil_program
 
 __all__ = [
+    "ROUNDINGS",
     "SUPPORTED_OPS",
     "MILExecutionError",
     "MILExecutor",

@@ -17,7 +17,16 @@ Numerics (the documented choice; the op semantics are listed in
   numerically heavy ops (conv, linear, matmul, reductions such as reduce_mean/reduce_sum,
   softmax, normalizations, pooling) it models Core ML's fp16 path, which accumulates in higher
   precision but stores fp16 tensors. Real hardware (GPU / Neural Engine) may accumulate
-  differently, so compare fp16 results with an fp16-sized tolerance (a few 1e-2 relative).
+  differently: ``rounding`` below brackets that.
+- ``rounding`` chooses the fp16 model. ``"per_op"`` (the default, optimistic) is the above.
+  ``"per_term"`` (pessimistic) also accumulates in fp16 in ops with an fp16 result: conv,
+  conv_transpose, linear and matmul as an fp16 running sum, one FMA per term in order (a MAC
+  array accumulating in fp16; on a 2304-term conv ~35x the per-op error), avg_pool over its
+  taps in order, reduce_sum / reduce_mean pairwise (a tree of fp16 adds, as GPU reductions
+  sum). Softmax, normalisation statistics and einsum keep float32 sums. ``"none"`` stores
+  fp16 vars in float32 (inputs too): the same program with no fp16 rounding of values, so
+  that differences between the three isolate rounding from conversion errors (fp16 constants
+  are used as stored).
 - Flexible dims are checked for consistency between inputs, not against the ``RangeDim``
   bounds (those live in the model description, not in the MIL program).
 """
@@ -48,7 +57,10 @@ from odconv_deploy.runners.mil.loader import (
 if TYPE_CHECKING:  # coremltools is an optional backend; import it only where it is used
     from coremltools.converters.mil.mil import Function, Operation, Var
 
-__all__ = ["MILExecutionError", "MILExecutor", "execute_mil"]
+__all__ = ["ROUNDINGS", "MILExecutionError", "MILExecutor", "execute_mil"]
+
+#: The fp16 rounding models: optimistic, pessimistic, and none (see the module docstring).
+ROUNDINGS = ("per_op", "per_term", "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,12 +82,19 @@ class MILExecutor:
         program: A MIL ``Program``, a coremltools ``MLModel`` or a path to a ``.mlpackage``
             (anything :func:`load_mil_program` accepts).
         function: Name of the function to run.
+        rounding: The fp16 model: ``"per_op"``, ``"per_term"`` or ``"none"`` (see the module
+            docstring); it changes nothing in an fp32 program.
 
     Raises:
         MILProgramError: The program has no function of that name.
+        ValueError: ``rounding`` is not one of the three.
     """
 
-    def __init__(self, program: Any, *, function: str = "main") -> None:
+    def __init__(self, program: Any, *, function: str = "main", rounding: str = "per_op"
+                 ) -> None:
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r}: expected one of {ROUNDINGS}")
+        self.rounding = rounding
         self.program = load_mil_program(program)  # raises MissingBackendError without coremltools
         from coremltools.converters.mil.mil import types
 
@@ -135,10 +154,16 @@ class MILExecutor:
     # -- execution -----------------------------------------------------------------------
 
     def _np_dtype(self, var: Var) -> Any:
+        """The dtype ``var``'s values are stored in (fp16 as float32 when rounding is none)."""
         try:
-            return np.dtype(self._types.nptype_from_builtin(var.dtype))
+            dtype = np.dtype(self._types.nptype_from_builtin(var.dtype))
         except (KeyError, TypeError):
             return None
+        return np.dtype(np.float32) if self.rounding == "none" and dtype == np.float16 else dtype
+
+    def _per_term(self, op: Operation) -> bool:
+        return (self.rounding == "per_term" and bool(op.outputs)
+                and self._np_dtype(op.outputs[0]) == np.float16)
 
     def _prepare_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(inputs, dict):
@@ -229,7 +254,8 @@ class MILExecutor:
 
         for i, op in enumerate(ops):
             try:
-                result = self._kernels[op.op_type](_OpContext(op, lookup))
+                result = self._kernels[op.op_type](_OpContext(op, lookup,
+                                                              per_term=self._per_term(op)))
             except UnsupportedMILOpError as exc:  # a refusal decided by run-time sizes
                 raise UnsupportedMILOpError(f"Op '{op.name}' ({op.op_type}) refused: "
                                             f"{exc}") from exc
