@@ -261,6 +261,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         if not Path(path).exists():
             raise ODConvDeployError(f"Artifact {path} does not exist.")
     batches = args.batch or ([1, 3] if args.dynamic_batch else [args.fixed_batch])
+    golden = _golden_before_work(args)
     with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp, \
             _quiet(console, args.out) as log:
         loaded = _load(args, console)
@@ -292,20 +293,81 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
                 dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
                 onnx_target=args.onnx_target, seed=args.seed,
                 progress=lambda s: console.progress(f"-> {s} ..."))
+        golden_report = _golden_step(args, loaded.io_spec, results, batches, golden, console)
     console.info(report.to_markdown())
+    if golden_report is not None:
+        console.info(f"Against the golden outputs in {args.golden}:\n"
+                     + golden_report.to_markdown())
     if routing is not None:
         console.info(routing.to_markdown())
     elif given:
         console.info("routing agreement: not checked (it exports the model again with every "
                      "layer's probes; run validate without --onnx/--ort/--pte/--coreml for it)")
     if args.json:
-        data = {**report.to_dict(), "routing": None if routing is None else routing.to_dict()}
+        data = {**report.to_dict(), "routing": None if routing is None else routing.to_dict(),
+                "golden": None if golden_report is None else golden_report.to_dict()}
         with atomic_output(args.json, overwrite=True) as path:
             path.write_text(json.dumps(data, indent=2, default=str))
     failed_exports = [r for r in results if not r.ok]
-    ok = report.passed and not failed_exports and (routing is None or routing.passed)
+    ok = (report.passed and not failed_exports and (routing is None or routing.passed)
+          and (golden_report is None or golden_report.passed))
     console.info(f"validation {'PASSED' if ok else 'FAILED'}" + (f" (log: {log})" if log else ""))
     return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def _golden_before_work(args: argparse.Namespace) -> object | None:
+    """Check --record-golden / --golden before any work; the golden read for --golden."""
+    from odconv_deploy._atomic import check_writable
+    from odconv_deploy.runners import coreml_predict_available
+    from odconv_deploy.validation.golden import check_golden_artifact, read_golden
+
+    for flag, value in (("--record-golden", args.record_golden), ("--golden", args.golden)):
+        if value and not args.coreml:
+            raise ODConvDeployError(f"{flag} needs the Core ML artifact it is for. Note: pass "
+                                    f"--coreml M.mlpackage with {flag} {value}.")
+    if args.record_golden:
+        available, why = coreml_predict_available()
+        if not available:
+            raise ODConvDeployError(f"--record-golden records Core ML predict's outputs, and "
+                                    f"{why}. Note: record on a Mac, then check on any machine "
+                                    f"with --golden {args.record_golden}.")
+        check_writable(Path(args.record_golden), overwrite=args.overwrite)
+    if not args.golden:
+        return None
+    golden = read_golden(args.golden)
+    check_golden_artifact(golden, args.coreml)
+    return golden
+
+
+def _golden_step(args: argparse.Namespace, io_spec: object, results: list, batches: list[int],
+                 golden: object | None, console: Console) -> object | None:
+    """Record golden outputs (--record-golden), or check against them (--golden)."""
+    from export import ExportFormat
+    from export.validation import check_against_golden
+    from odconv_deploy.runners import CoreMLRunner
+    from odconv_deploy.validation.golden import record_golden, write_golden
+    from odconv_deploy.validation.inputs import validation_feeds
+
+    if not (args.record_golden or golden):
+        return None
+    (coreml,) = [r for r in results if r.format is ExportFormat.COREML]
+    if args.record_golden:
+        import platform
+
+        import coremltools
+
+        feeds = validation_feeds(io_spec, batches, seed=args.seed, image_folder=args.images)
+        recorded = record_golden(
+            CoreMLRunner(coreml.path, name="coreml (predict)"), feeds, str(coreml.path),
+            precision=str(coreml.options.get("precision", "fp16")),
+            environment={"platform": platform.platform(), "coremltools": coremltools.__version__})
+        write_golden(recorded, args.record_golden, overwrite=args.overwrite)
+        console.info(f"golden outputs of {recorded.producer} at batches {recorded.batches} "
+                     f"written to {args.record_golden}")
+    if golden is None:
+        return None
+    return check_against_golden(golden, coreml, classifier=io_spec.task == "classification",
+                                progress=lambda s: console.progress(f"-> golden: {s} ..."))
 
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
@@ -500,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-routing", action="store_true",
                    help="skip the routing check (a second export of onnx/coreml/pte with every "
                    "ODConv layer's attentions and output as extra outputs, compared per layer)")
+    p.add_argument("--record-golden", metavar="DIR", default=None,
+                   help="with --coreml on macOS: store the inputs and Core ML predict's outputs "
+                   "in DIR, to check the artifact anywhere later with --golden DIR")
+    p.add_argument("--golden", metavar="DIR", default=None,
+                   help="with --coreml: also check the MIL executor (and predict, where it "
+                   "runs) against the outputs recorded in DIR")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_cmd_validate)
 

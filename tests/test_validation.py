@@ -93,7 +93,7 @@ def test_nan_inputs_are_reported(tiny, tmp_path):
     result = export_onnx(tiny, tmp_path / "m.onnx")
     report = validate_artifacts(tiny, [result], io_spec=tiny.io_spec, image_folder=None)
     assert report.passed and not report.input_issues
-    from odconv_deploy.validation import validate as module
+    from odconv_deploy.validation import inputs as module
 
     original = module.seeded_feed
     try:

@@ -19,6 +19,14 @@ def seeded_feed(io_spec: IOSpec, batch: int, *, seed: int = 0) -> dict[str, np.n
             zip(io_spec.inputs, io_spec.sample_inputs(batch, seed=seed), strict=True)}
 
 
+def validation_feeds(io_spec: IOSpec, batches: list[int] | tuple[int, ...], *, seed: int = 0,
+                     image_folder: str | os.PathLike | None = None
+                     ) -> dict[int, dict[str, np.ndarray]]:
+    """The inputs validation feeds, per batch size: images from the folder, else seeded."""
+    return {b: (image_folder_feed(image_folder, io_spec, b) if image_folder
+                else seeded_feed(io_spec, b, seed=seed + b)) for b in batches}
+
+
 def image_folder_feed(folder: str | os.PathLike, io_spec: IOSpec, batch: int
                       ) -> dict[str, np.ndarray]:
     """The first ``batch`` images of ``folder`` (sorted by name), preprocessed for the model.
