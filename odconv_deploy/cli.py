@@ -21,12 +21,19 @@ import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from odconv_deploy.console import Console
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
 from odconv_deploy.status import Status
 from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS, DEPRECATED_TARGETS
+
+if TYPE_CHECKING:  # the commands import their heavy modules lazily
+    from export.result import ExportResult
+    from odconv_deploy.io_spec import IOSpec
+    from odconv_deploy.validation.golden import Golden
+    from odconv_deploy.validation.validate import ValidationReport
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3, 4
 #: Name of the log file third-party output goes to, in the command's output folder.
@@ -315,7 +322,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
-def _golden_before_work(args: argparse.Namespace) -> object | None:
+def _golden_before_work(args: argparse.Namespace) -> Golden | None:
     """Check --record-golden / --golden before any work; the golden read for --golden."""
     from odconv_deploy._atomic import check_writable
     from odconv_deploy.runners import coreml_predict_available
@@ -339,8 +346,9 @@ def _golden_before_work(args: argparse.Namespace) -> object | None:
     return golden
 
 
-def _golden_step(args: argparse.Namespace, io_spec: object, results: list, batches: list[int],
-                 golden: object | None, console: Console) -> object | None:
+def _golden_step(args: argparse.Namespace, io_spec: IOSpec, results: list[ExportResult],
+                 batches: list[int], golden: Golden | None, console: Console
+                 ) -> ValidationReport | None:
     """Record golden outputs (--record-golden), or check against them (--golden)."""
     from export import ExportFormat
     from export.validation import check_against_golden

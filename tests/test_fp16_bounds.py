@@ -154,8 +154,8 @@ def test_derived_tolerances_follow_the_spreads_and_both_models_pass(tiny):
     good, _, feed, ref = tiny
     bounds = Fp16ErrorModel(good)
     optimistic, pessimistic = bounds.tolerance(feed, "per_op"), bounds.tolerance(feed, "per_term")
-    (spread,) = bounds.spreads  # measured once for the batch
-    assert spread.batch == 2 and 0 < spread.per_op < spread.per_term
+    spread = bounds.spread  # measured once, on the first sample
+    assert 0 < spread.per_op < spread.per_term
     assert optimistic.rtol == pytest.approx(ROUNDING_MARGIN * 2 * spread.per_op)
     assert pessimistic.rtol == pytest.approx(ROUNDING_MARGIN * (spread.per_term + spread.per_op))
     gap = spread.cosine_gap

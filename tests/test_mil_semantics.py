@@ -24,14 +24,16 @@ from odconv_deploy.runners.mil import MILExecutor, UnsupportedMILOpError  # noqa
 from tests.test_mil_executor import rel_err, run1  # noqa: E402
 
 
-def convert(module, shape, *, target="iOS15", name="x"):
+def convert(module, shape, *, target="iOS15", name="x", precision="fp32"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module.eval(), torch.zeros(shape))
         return ct.convert(traced, inputs=[ct.TensorType(name=name, shape=shape)],
                           convert_to="mlprogram",
                           minimum_deployment_target=getattr(ct.target, target),
-                          compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+                          compute_precision=(ct.precision.FLOAT16 if precision == "fp16"
+                                             else ct.precision.FLOAT32),
+                          skip_model_load=True)
 
 
 def run_model(mlmodel, x):
@@ -167,11 +169,13 @@ class TopK(nn.Module):
         return values + indices.float()  # both outputs reach the result
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("k, dim, largest", [(3, 1, True), (2, -1, False), (1, 2, True)])
-def test_topk_matches_torch(k, dim, largest):
+def test_topk_matches_torch(k, dim, largest, precision):
+    # distinct integers: exact in fp16 too, so values and indices must match exactly
     x = np.random.default_rng(3).permutation(2 * 5 * 6).astype(np.float32).reshape(2, 5, 6)
     module = TopK(k, dim, largest)
-    mlmodel = convert(module, x.shape)
+    mlmodel = convert(module, x.shape, precision=precision)
     assert "topk" in MILExecutor(mlmodel).op_types
     np.testing.assert_array_equal(run_model(mlmodel, x), module(torch.from_numpy(x)).numpy())
 
@@ -213,9 +217,9 @@ COMPRESSIONS = {
 }
 
 
-def compress(net, name, target):
+def compress(net, name, target, precision="fp32"):
     fn, config = COMPRESSIONS[name]
-    mlmodel = convert(net, (2, 3, 16, 16), target=target)
+    mlmodel = convert(net, (2, 3, 16, 16), target=target, precision=precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(mlmodel, cto.OptimizationConfig(global_config=config))
@@ -259,3 +263,19 @@ def test_compressed_weights_against_torch_with_the_decoded_weights(name):
     # zero points) decodes to the same weights.
     (out16,) = MILExecutor(compress(net, name, "iOS16")).run({"x": x}).values()
     assert rel_err(out16, out) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSIONS))
+def test_compressed_weights_in_an_fp16_program(name):
+    net = compressible_net()
+    x = np.random.default_rng(6).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    ex = MILExecutor(compress(net, name, "iOS18", precision="fp16"))
+    ops = [op for op in ex._function.operations if op.op_type.startswith("constexpr_")]
+    decoded = compressible_net()
+    with torch.no_grad():
+        for op, module in zip(ops, [m for m in decoded if hasattr(m, "weight")], strict=True):
+            module.weight.copy_(torch.from_numpy(decode_ios18(op).astype(np.float32)))
+        ref = decoded(torch.from_numpy(x)).numpy()
+    (out,) = ex.run({"x": x}).values()
+    assert out.dtype == np.float16  # iOS16+: fp16 inputs and outputs, fp16 throughout
+    assert rel_err(out, ref) < 5e-3  # fp16 rounding of a 3-layer net, measured ~1e-3

@@ -39,9 +39,8 @@ ROUNDING_MARGIN = 2.0
 
 @dataclass(frozen=True)
 class RoundingSpread:
-    """The measured rounding spreads of one program at one batch, and the tolerances."""
+    """The measured rounding spreads of one program, and the tolerances from them."""
 
-    batch: int
     per_op: float  # max|y_per_op - y_no_rounding| / max|y_no_rounding|, worst output
     per_term: float  # the same for fp16 accumulation
     cosine_gap: dict[str, float]  # rounding model -> worst 1 - cosine(y_r, y_no_rounding)
@@ -55,37 +54,35 @@ class Fp16ErrorModel:
         source: The ``.mlpackage`` path (or anything ``load_mil_program`` accepts).
         margin: The factor over the measured spreads.
 
-    The spreads are measured once per batch size (three executions) and cached;
-    :attr:`spreads` lists them.
+    The spreads are measured once, on the first sample of the first feed (three executions
+    of one sample; rounding does not depend on the batch size), and serve every batch.
     """
 
     def __init__(self, source: str | os.PathLike | Any, *,
                  margin: float = ROUNDING_MARGIN) -> None:
         self.source = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
         self.margin = margin
-        self._spreads: dict[int, RoundingSpread] = {}
+        self._spread: RoundingSpread | None = None
 
     @property
-    def spreads(self) -> list[RoundingSpread]:
-        """Every spread measured so far, by batch size."""
-        return [self._spreads[b] for b in sorted(self._spreads)]
+    def spread(self) -> RoundingSpread | None:
+        """The measured spreads (None until the first :meth:`tolerance`)."""
+        return self._spread
 
     def tolerance(self, feed: dict[str, np.ndarray], rounding: str = "per_op") -> Tolerance:
         """The tolerance of the ``rounding`` model's outputs on ``feed``.
 
-        ``rounding`` is ``per_op`` or ``per_term``; the spreads are measured on first use for
-        the feed's batch size.
+        ``rounding`` is ``per_op`` or ``per_term``; the spreads are measured on first use.
         """
-        batch = int(next(iter(feed.values())).shape[0])
-        if batch not in self._spreads:
-            self._spreads[batch] = self._measure(batch, feed)
-        return self._spreads[batch].tolerances[rounding]
+        if self._spread is None:
+            self._spread = self._measure({k: np.asarray(v)[:1] for k, v in feed.items()})
+        return self._spread.tolerances[rounding]
 
     def tolerance_of(self, rounding: str) -> Callable[[dict[str, np.ndarray]], Tolerance]:
         """:meth:`tolerance` for one rounding model, as a ``Candidate.tolerance_for``."""
         return lambda feed: self.tolerance(feed, rounding)
 
-    def _measure(self, batch: int, feed: dict[str, np.ndarray]) -> RoundingSpread:
+    def _measure(self, feed: dict[str, np.ndarray]) -> RoundingSpread:
         from odconv_deploy.runners.mil import MILExecutor, load_mil_program
 
         program = load_mil_program(self.source)
@@ -101,7 +98,7 @@ class Fp16ErrorModel:
                          min_cosine=min(1 - self.margin ** 2 * (gap[r] + gap["per_op"]),
                                         floor.min_cosine))
             for r in models}
-        return RoundingSpread(batch, spread["per_op"], spread["per_term"], gap, tolerances)
+        return RoundingSpread(spread["per_op"], spread["per_term"], gap, tolerances)
 
 
 def _worst(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]

@@ -25,13 +25,16 @@ class Candidate:
 
     ``tolerance_for`` derives the tolerance from the inputs (an error model, e.g. the fp16
     rounding spread of :class:`~odconv_deploy.validation.fp16_bounds.Fp16ErrorModel`); it
-    takes precedence over ``tolerance``.
+    takes precedence over ``tolerance``. ``bound_only`` marks a runner that brackets the
+    numbers (the MIL executor's fp16-accumulation model): it is compared at the smallest batch
+    only, and the routing check leaves it out.
     """
 
     runner: Runner
     precision: str = "fp32"
     tolerance: Tolerance | None = None
     tolerance_for: Callable[[dict[str, np.ndarray]], Tolerance] | None = None
+    bound_only: bool = False
 
     @property
     def rule(self) -> Tolerance:
@@ -168,6 +171,8 @@ def validate_feeds(reference: Runner, candidates: Sequence[Candidate],
             continue
         try:
             taken = [b for b in feeds if cand.runner.accepts_batch(b)]
+            if cand.bound_only:
+                taken = sorted(taken)[:1]
             if not taken:
                 fixed = [m.shape[0] for m in cand.runner.input_metadata() if m.shape]
                 report.comparisons.append(Comparison(
