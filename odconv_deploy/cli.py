@@ -326,18 +326,18 @@ def _golden_before_work(args: argparse.Namespace) -> Golden | None:
     """Check --record-golden / --golden before any work; the golden read for --golden."""
     from odconv_deploy._atomic import check_writable
     from odconv_deploy.runners import coreml_predict_available
-    from odconv_deploy.validation.golden import check_golden_artifact, read_golden
+    from odconv_deploy.validation.golden import GoldenError, check_golden_artifact, read_golden
 
     for flag, value in (("--record-golden", args.record_golden), ("--golden", args.golden)):
         if value and not args.coreml:
-            raise ODConvDeployError(f"{flag} needs the Core ML artifact it is for. Note: pass "
-                                    f"--coreml M.mlpackage with {flag} {value}.")
+            raise GoldenError(f"{flag} needs the Core ML artifact it is for. Note: pass "
+                              f"--coreml M.mlpackage with {flag} {value}.")
     if args.record_golden:
         available, why = coreml_predict_available()
         if not available:
-            raise ODConvDeployError(f"--record-golden records Core ML predict's outputs, and "
-                                    f"{why}. Note: record on a Mac, then check on any machine "
-                                    f"with --golden {args.record_golden}.")
+            raise GoldenError(f"--record-golden records Core ML predict's outputs, and {why}. "
+                              "Note: record on a Mac, then check on any machine with --golden "
+                              f"{args.record_golden}.")
         check_writable(Path(args.record_golden), overwrite=args.overwrite)
     if not args.golden:
         return None
