@@ -42,7 +42,9 @@ class ExportResult:
         tool_versions: Versions of the libraries that produced it.
         op_counts: Operator type -> count in the artifact.
         notes: Anything noteworthy (e.g. what was not delegated).
-        details: Format-specific figures (node counts before/after, delegation shares, ...).
+        details: Format-specific figures (node counts before/after, delegation shares,
+            ``size_split``: the bytes of the ODConv kernel banks found in the file, see
+            :mod:`export.sizes`, ...).
     """
 
     format: ExportFormat
@@ -85,8 +87,11 @@ class ExportResult:
             return f"{self.format.value:<9} FAILED: {self.error}"
         shapes = ", ".join(f"{n}{list(s)}" for n, s in self.input_shapes.items())
         ops = f", {sum(self.op_counts.values())} ops" if self.op_counts else ""
+        split = self.details.get("size_split")
+        banks = (f" of which ODConv kernel banks {split['kernel_bank_bytes'] / 1e6:.1f} MB"
+                 if split else "")
         return (f"{self.format.value:<9} {self.path}  ({self.file_size_bytes / 1e6:.1f} MB"
-                f"{ops}, inputs {shapes})")
+                f"{banks}{ops}, inputs {shapes})")
 
 
 def tool_versions(*packages: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from torch import nn
 from export.formats import FORMATS, with_sources
 from export.result import ExportError, ExportFormat, ExportResult, fspath, root_cause
 from export.simplify import simplify_onnx
+from export.sizes import kernel_banks, size_split
 from export.to_coreml import export_coreml
 from export.to_executorch import export_executorch
 from export.to_onnx import DEFAULT_OPSET, export_onnx
@@ -84,6 +85,7 @@ def export_formats(
     batch_size: int = 1,
     onnx_target: str = "onnx",
     overwrite: bool = False,
+    measure_sizes: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[ExportResult]:
     """Export ``model`` to every format in ``formats`` under ``out_dir``.
@@ -102,7 +104,8 @@ def export_formats(
     With ``dynamic_batch=False`` the graphs have batch ``batch_size``; a size other than 1 is
     made for ONNX, simplified ONNX and ORT only (CoreML and ExecuTorch then fail with the
     reason). ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"onnxruntime"``: the
-    ONNX-family files are for ONNX Runtime CPU on this machine).
+    ONNX-family files are for ONNX Runtime CPU on this machine). ``measure_sizes`` records
+    each artifact's kernel-bank share (:mod:`export.sizes`; seconds for a large model).
     """
     out = fspath(out_dir)
     onnx_target = canonical_target(onnx_target)
@@ -116,6 +119,7 @@ def export_formats(
                    strategy=label, opset=opset, coreml_precision=coreml_precision,
                    dynamic_batch=dynamic_batch, batch_size=batch_size, onnx_target=onnx_target)
     made: dict[ExportFormat, ExportResult] = {}
+    traced: dict[ExportFormat, nn.Module] = {}  # the deploy model each format was made from
     for fmt in with_sources(list(dict.fromkeys(formats))):
         info = FORMATS[fmt]
         path = info.path(out, name)
@@ -127,10 +131,25 @@ def export_formats(
                     raise ExportError(f"the {info.derived_from[-1].value} export it is made "
                                       "from failed")
                 job = _Job(None, source, path, options)
+                traced[fmt] = traced[source.format]
             else:
-                deploy = conversions.get(info.auto_target(onnx_target), dynamic_batch).model
-                job = _Job(deploy, None, path, options)
+                traced[fmt] = conversions.get(info.auto_target(onnx_target), dynamic_batch).model
+                job = _Job(traced[fmt], None, path, options)
             made[fmt] = _make(fmt, job)
         except Exception as exc:  # noqa: BLE001 - recorded in the result; other formats go on
             made[fmt] = failed_result(fmt, path, exc)
+            continue
+        if measure_sizes:
+            _add_size_split(made[fmt], traced[fmt])
     return list(made.values())
+
+
+def _add_size_split(result: ExportResult, deploy: nn.Module) -> None:
+    """Record how much of the artifact is kernel banks (a note if it cannot be measured)."""
+    try:
+        split = size_split(result, kernel_banks(deploy))
+    except Exception as exc:  # noqa: BLE001 - a figure missing, the artifact is fine
+        result.notes.append(f"kernel-bank size not measured: {root_cause(exc)}")
+        return
+    if split is not None:
+        result.details["size_split"] = split

@@ -133,7 +133,7 @@ def routing_agreement(conversions: Conversions, io_spec: IOSpec, out_dir: str | 
             probed, out_dir, [fmt], stem=f"{probed.zoo_name}_probes", io_spec=probed.io_spec,
             strategy=conversions.strategy, dynamic_batch=dynamic_batch, batch_size=batch_size,
             onnx_target=onnx_target, coreml_precision=coreml_precision, overwrite=True,
-            progress=progress) if r.format is fmt]
+            measure_sizes=False, progress=progress) if r.format is fmt]
         if not result.ok:
             report.runs.append(RunnerRouting(
                 fmt.value, "fp32", batch, DEFAULT_TOLERANCES["fp32"],

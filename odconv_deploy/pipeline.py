@@ -222,7 +222,7 @@ class _Pipeline:
         rows: list[list[object]] = []
         for r in self.exports:
             if not r.ok:
-                rows.append([r.format.value, "-", "-", f"FAILED: {r.error}"])
+                rows.append([r.format.value, "-", "-", "-", f"FAILED: {r.error}"])
                 continue
             extra = "; ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in r.details.items()
@@ -231,11 +231,15 @@ class _Pipeline:
             if r.options.get("layer_forms"):
                 layers = f"layers: {format_layer_forms(r.options['layer_forms'])}"
                 extra = f"{extra}; {layers}" if extra else layers
+            split = r.details.get("size_split")
+            banks = ("-" if split is None else f"{split['kernel_bank_bytes'] / 1e6:.1f} "
+                     f"({split['banks_found']}/{split['banks']} layers)")
             rows.append([r.format.value, f"`{r.path.name}`", f"{r.file_size_bytes / 1e6:.1f}",
-                         extra])
-            rows += [["", "", "", f"note: {n}"] for n in r.notes]
+                         banks, extra])
+            rows += [["", "", "", "", f"note: {n}"] for n in r.notes]
         self.report.sections["Artifacts"] = "\n".join(
-            markdown_table(["format", "file", "MB", "detail"], rows))
+            markdown_table(["format", "file", "MB", "of which ODConv kernel banks, MB", "detail"],
+                           rows))
         failed = [r.format.value for r in self.exports if not r.ok]
         data = {"artifacts": [r.to_dict() for r in self.exports]}
         if failed:

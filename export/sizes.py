@@ -1,0 +1,87 @@
+"""How much of an artifact is the ODConv kernel banks, found in the file by content.
+
+ODConv stores ``K`` kernels per layer, so the banks are most of a model's bytes (and what an
+int8 or fp16 artifact shrinks). Each deploy layer's ``weight`` (its bank) is looked for among
+the artifact's stored tensors by the digest of its values sorted, at the precisions a file
+stores weights in (float32 and float16): sorting makes the match independent of the layout the
+exporter chose (the im2col form's bank is stored transposed in ONNX). A bank the exporter
+folded into another constant is not found, and the split says how many were: the figure is
+measured, never inferred from the model.
+
+Measured for ``.onnx`` / ``.sim.onnx`` (initializers) and ``.mlpackage`` (the MIL program's
+constants). ``.ort`` and ``.pte`` store tensors in their own flatbuffers; they are not split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+from torch import nn
+
+from export.result import ExportFormat, ExportResult
+from odconv_deploy.layers.deploy import ODConv2dDeploy
+
+#: The formats whose stored tensors this module reads.
+SPLIT_FORMATS = (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.COREML)
+
+
+def kernel_banks(model: nn.Module) -> list[np.ndarray]:
+    """The kernel bank (``weight``) of every ODConv deploy layer, float32, in module order."""
+    return [m.weight.detach().cpu().numpy().astype(np.float32) for m in model.modules()
+            if isinstance(m, ODConv2dDeploy)]
+
+
+def _digest(values: np.ndarray) -> str:
+    """The digest of a tensor's values in sorted order (the same for any layout of them)."""
+    return hashlib.sha256(np.sort(values, axis=None).tobytes()).hexdigest()
+
+
+def _onnx_tensors(result: ExportResult) -> Iterator[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(result.path)).graph
+    for init in graph.initializer:
+        value = numpy_helper.to_array(init)
+        if value.dtype.kind == "f":
+            yield value
+
+
+def _coreml_tensors(result: ExportResult) -> Iterator[np.ndarray]:
+    from odconv_deploy.runners.mil import load_mil_program
+    from odconv_deploy.runners.mil.loader import _as_value
+
+    program = load_mil_program(str(result.path))
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type == "const" and op.outputs[0].val is not None:
+                value = np.asarray(_as_value(op.outputs[0].val))
+                if value.dtype.kind == "f":
+                    yield value
+
+
+def size_split(result: ExportResult, banks: list[np.ndarray]) -> dict[str, object] | None:
+    """``kernel_bank_bytes``, ``rest_bytes`` and how many banks were found in the file.
+
+    None for a failed export, a format whose tensors are not read here (see
+    :data:`SPLIT_FORMATS`), or a model without ODConv layers.
+    """
+    if not result.ok or result.format not in SPLIT_FORMATS or not banks:
+        return None
+    wanted: dict[str, int] = {}  # digest -> bytes, one entry per bank and stored precision
+    for bank in banks:
+        for dtype in (np.float32, np.float16):
+            stored = bank.astype(dtype)
+            wanted[_digest(stored)] = stored.nbytes
+    sizes = set(wanted.values())
+    read = _coreml_tensors if result.format is ExportFormat.COREML else _onnx_tensors
+    found_bytes, found = 0, 0
+    for value in read(result):
+        if value.nbytes in sizes and (key := _digest(value)) in wanted:
+            found_bytes += wanted.pop(key)
+            found += 1
+    return {"kernel_bank_bytes": found_bytes,
+            "rest_bytes": max(result.file_size_bytes - found_bytes, 0),
+            "banks_found": found, "banks": len(banks)}
