@@ -519,10 +519,10 @@ def _pool_geometry(op_type: str, ctx: _OpContext, x_shape: Sequence[int]
         else:
             o = (size + total - kernel[i]) // stride + 1
         if (o - 1) * stride - pads[2 * i] >= size:
-            raise _refuse(op_type, f"ceil_mode=True on size {size} with kernel {kernel[i]}, "
-                                   f"stride {stride} and no padding gives {o} windows, the last "
-                                   "wholly past the input (PyTorch drops it; its Core ML value "
-                                   "is not documented)")
+            raise _refuse(op_type, f"size {size}, kernel {kernel[i]}, stride {stride}, padding "
+                                   f"{pads[2 * i]}+{pads[2 * i + 1]}, ceil_mode={ceil_mode} "
+                                   f"give {o} windows, the last wholly past the input (PyTorch "
+                                   "drops it; its Core ML value is not documented)")
         out_sizes.append(o)
         overhang.append(max((o - 1) * stride + kernel[i] - size - total, 0))
     return kernel, strides, pads, overhang, out_sizes
