@@ -89,8 +89,9 @@ class Fp16ErrorModel:
         runs = {r: MILExecutor(program, rounding=r).run(feed)
                 for r in ("none", "per_op", "per_term")}
         models = ("per_op", "per_term")
-        spread = {r: _worst(runs[r], runs["none"])[0] for r in models}
-        gap = {r: _worst(runs[r], runs["none"])[1] for r in models}
+        worst = {r: _worst(runs[r], runs["none"]) for r in models}
+        spread = {r: worst[r][0] for r in models}
+        gap = {r: worst[r][1] for r in models}
         floor = DEFAULT_TOLERANCES["fp32"]
         tolerances = {
             r: Tolerance(rtol=max(self.margin * (spread[r] + spread["per_op"]), floor.rtol),
