@@ -21,6 +21,7 @@ import numpy as np
 from torch import nn
 
 from export.result import ExportFormat, ExportResult
+from export.to_coreml import iter_mil_ops
 from odconv_deploy.layers.deploy import ODConv2dDeploy
 
 #: The formats whose stored tensors this module reads.
@@ -53,13 +54,11 @@ def _coreml_tensors(result: ExportResult) -> Iterator[np.ndarray]:
     from odconv_deploy.runners.mil import load_mil_program
     from odconv_deploy.runners.mil.loader import _as_value
 
-    program = load_mil_program(str(result.path))
-    for function in program.functions.values():
-        for op in function.operations:
-            if op.op_type == "const" and op.outputs[0].val is not None:
-                value = np.asarray(_as_value(op.outputs[0].val))
-                if value.dtype.kind == "f":
-                    yield value
+    for op in iter_mil_ops(load_mil_program(str(result.path))):
+        if op.op_type == "const" and op.outputs[0].val is not None:
+            value = np.asarray(_as_value(op.outputs[0].val))
+            if value.dtype.kind == "f":
+                yield value
 
 
 def size_split(result: ExportResult, banks: list[np.ndarray]) -> dict[str, object] | None:
