@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.result import ExportError, ExportFormat, ExportResult
+from odconv_deploy.quantize import check_precision_name
 from odconv_deploy.runners import (
     CoreMLRunner,
     ExecuTorchRunner,
@@ -42,6 +43,7 @@ class FormatInfo:
         validation_runners: Runners that execute an artifact of this format for validation.
         bench_runner: The benchmark's runner for an artifact and a thread count (None: the
             benchmark does not time this format).
+        precisions: The precisions (:data:`odconv_deploy.quantize.PRECISIONS`) it is made in.
     """
 
     format: ExportFormat
@@ -51,6 +53,7 @@ class FormatInfo:
     extra: str
     validation_runners: Callable[[ExportResult], ValidationRunners]
     bench_runner: Callable[[ExportResult, int], Runner] | None = None
+    precisions: tuple[str, ...] = ("fp32", "int8w")
 
     @property
     def name(self) -> str:
@@ -123,7 +126,8 @@ FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
                                                       name="onnxruntime (.ort format)"))],
                _ort_bench("ort")),
     FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
-               _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml")),
+               _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml"),
+               ("fp32", "fp16", "int8w")),
     FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
                "executorch",
                lambda r: [Candidate(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"))],
@@ -145,6 +149,23 @@ def format_info(fmt: ExportFormat | str) -> FormatInfo:
             return info
     raise ExportError(f"Unknown export format {fmt!r}. Note: valid formats are "
                       f"{', '.join(FORMAT_NAMES)}.")
+
+
+def check_precision(precision: str, formats: list[ExportFormat]) -> None:
+    """Refuse a precision that one of ``formats`` cannot be made in, before any work.
+
+    Raises:
+        ExportError: An unknown precision, or formats that do not take it (the message
+            lists the formats that do).
+    """
+    check_precision_name(precision)
+    refused = [fmt.value for fmt in formats if precision not in FORMATS[fmt].precisions]
+    if refused:
+        able = [info.name for info in FORMATS.values() if precision in info.precisions]
+        raise ExportError(
+            f"Precision {precision} is not made for {', '.join(refused)}: the formats that "
+            f"take it are {', '.join(able)}. Note: pass --formats {','.join(able)}, or choose "
+            "another --precision.")
 
 
 def with_sources(formats: list[ExportFormat]) -> list[ExportFormat]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from export.formats import FORMATS, with_sources
+from export.formats import FORMATS, check_precision, with_sources
 from export.result import ExportError, ExportFormat, ExportResult, fspath, root_cause
 from export.simplify import simplify_onnx
 from export.sizes import kernel_banks, size_split
@@ -81,6 +81,7 @@ def export_formats(
     input_shape: tuple[int, ...] | None = None,
     opset: int = DEFAULT_OPSET,
     coreml_precision: str = "fp16",
+    precision: str | None = None,
     dynamic_batch: bool = True,
     batch_size: int = 1,
     onnx_target: str = "onnx",
@@ -106,12 +107,24 @@ def export_formats(
     reason). ``onnx_target`` is :func:`export_onnx`'s ``target`` (``"onnxruntime"``: the
     ONNX-family files are for ONNX Runtime CPU on this machine). ``measure_sizes`` records
     each artifact's kernel-bank share (:mod:`export.sizes`; seconds for a large model).
+
+    ``precision`` (default: the conversions', else ``fp32``) is checked against every format
+    first (:func:`export.formats.check_precision`): ``int8w`` stores the kernel banks int8 (the
+    conversions do it), ``fp16`` makes Core ML compute in fp16 (``coreml_precision`` is Core
+    ML's compute precision otherwise).
     """
     out = fspath(out_dir)
     onnx_target = canonical_target(onnx_target)
     name = stem or getattr(model, "zoo_name", None) or type(model).__name__
+    if conversions is not None and precision not in (None, conversions.precision):
+        raise ExportError(f"precision={precision!r} differs from the conversions' "
+                          f"{conversions.precision!r}. Note: make the Conversions with it.")
+    precision = precision or (conversions.precision if conversions else "fp32")
+    check_precision(precision, list(formats))
+    if precision == "fp16":
+        coreml_precision = "fp16"
     if conversions is None:
-        conversions = Conversions(model, strategy or DEFAULT_STRATEGY)
+        conversions = Conversions(model, strategy or DEFAULT_STRATEGY, precision=precision)
     # The label stamped into artifacts: the conversions' strategy (a model already in deploy
     # form has its own layers' forms, which prepare_model reads).
     label = conversions.strategy if conversions.layer_count else strategy

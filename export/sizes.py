@@ -3,7 +3,8 @@
 ODConv stores ``K`` kernels per layer, so the banks are most of a model's bytes (and what an
 int8 or fp16 artifact shrinks). Each deploy layer's ``weight`` (its bank) is looked for among
 the artifact's stored tensors by the digest of its values sorted, at the precisions a file
-stores weights in (float32 and float16): sorting makes the match independent of the layout the
+stores weights in (float32 and float16; int8 for an ``int8w`` bank, whose per-channel scales
+count as the rest): sorting makes the match independent of the layout the
 exporter chose (the im2col form's bank is stored transposed in ONNX). A bank the exporter
 folded into another constant is not found, and the split says how many were: the figure is
 measured, never inferred from the model.
@@ -29,9 +30,16 @@ SPLIT_FORMATS = (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.C
 
 
 def kernel_banks(model: nn.Module) -> list[np.ndarray]:
-    """The kernel bank (``weight``) of every ODConv deploy layer, float32, in module order."""
-    return [m.weight.detach().cpu().numpy().astype(np.float32) for m in model.modules()
-            if isinstance(m, ODConv2dDeploy)]
+    """The kernel bank of every ODConv deploy layer as stored, in module order.
+
+    float32 (``weight``), or int8 (the quantized values of an ``int8w`` bank).
+    """
+    banks = []
+    for m in model.modules():
+        if isinstance(m, ODConv2dDeploy):
+            stored = m.weight if m.weight_int8 is None else m.weight_int8.q
+            banks.append(stored.detach().cpu().numpy())
+    return [b if b.dtype == np.int8 else b.astype(np.float32) for b in banks]
 
 
 def _digest(values: np.ndarray) -> str:
@@ -46,7 +54,7 @@ def _onnx_tensors(result: ExportResult) -> Iterator[np.ndarray]:
     graph = onnx.load(str(result.path)).graph
     for init in graph.initializer:
         value = numpy_helper.to_array(init)
-        if value.dtype.kind == "f":
+        if value.dtype.kind in "fi":
             yield value
 
 
@@ -57,7 +65,7 @@ def _coreml_tensors(result: ExportResult) -> Iterator[np.ndarray]:
     for op in iter_mil_ops(load_mil_program(str(result.path))):
         if op.op_type == "const" and op.outputs[0].val is not None:
             value = np.asarray(_as_value(op.outputs[0].val))
-            if value.dtype.kind == "f":
+            if value.dtype.kind in "fi":
                 yield value
 
 
@@ -71,7 +79,7 @@ def size_split(result: ExportResult, banks: list[np.ndarray]) -> dict[str, objec
         return None
     wanted: dict[str, int] = {}  # digest -> bytes, one entry per bank and stored precision
     for bank in banks:
-        for dtype in (np.float32, np.float16):
+        for dtype in (np.int8,) if bank.dtype == np.int8 else (np.float32, np.float16):
             stored = bank.astype(dtype)
             wanted[_digest(stored)] = stored.nbytes
     sizes = set(wanted.values())

@@ -24,9 +24,12 @@ from export.result import (
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.quantize import has_int8_banks, weight_storage
 
 PRECISIONS = ("fp16", "fp32")
 DEPLOYMENT_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18")
+#: The first deployment target whose opset coremltools quantizes a constant bank in.
+INT8_BANK_TARGET = "iOS17"
 #: CoreML rejects tensors above this rank.
 MAX_COREML_RANK = 5
 
@@ -71,7 +74,7 @@ def export_coreml(
     path: str | os.PathLike,
     *,
     precision: str = "fp16",
-    minimum_deployment_target: str = "iOS15",
+    minimum_deployment_target: str | None = None,
     flexible_batch: bool = True,
     max_batch: int = 64,
     strategy: str | None = None,
@@ -89,7 +92,8 @@ def export_coreml(
         model: Zoo model, user network with ODConv layers, or a deploy-form model.
         path: Output ``.mlpackage`` folder.
         precision: ``"fp16"`` (default; what the Neural Engine runs) or ``"fp32"``.
-        minimum_deployment_target: ``"iOS15"`` .. ``"iOS18"``.
+        minimum_deployment_target: ``"iOS15"`` .. ``"iOS18"`` (default iOS15, or iOS17 for
+            a model with int8 kernel banks, the first opset coremltools stores them int8 in).
         flexible_batch: Batch as a RangeDim ``1..max_batch`` (needs a batch-agnostic strategy).
         max_batch: Upper bound of the flexible batch.
         strategy: Deploy strategy for train-form ODConv layers (default ``im2col``).
@@ -104,9 +108,18 @@ def export_coreml(
     ct = require_backend("coremltools", extra="coreml", purpose="CoreML export")
     if precision not in PRECISIONS:
         raise ExportError(f"Unknown precision {precision!r}; expected one of {PRECISIONS}.")
+    int8_banks = has_int8_banks(model)
+    if minimum_deployment_target is None:
+        minimum_deployment_target = INT8_BANK_TARGET if int8_banks else "iOS15"
     if minimum_deployment_target not in DEPLOYMENT_TARGETS:
         raise ExportError(f"Unknown deployment target {minimum_deployment_target!r}; expected "
                           f"one of {DEPLOYMENT_TARGETS}.")
+    if int8_banks and (DEPLOYMENT_TARGETS.index(minimum_deployment_target)
+                       < DEPLOYMENT_TARGETS.index(INT8_BANK_TARGET)):
+        raise ExportError(
+            f"int8 kernel banks need minimum_deployment_target {INT8_BANK_TARGET} or later "
+            f"(coremltools makes them constexpr ops from that opset on); got "
+            f"{minimum_deployment_target}. Note: leave the target unset, or export in fp32.")
     prepared = prepare_model(model, strategy=strategy, target="coreml",
                              dynamic_batch=flexible_batch, io_spec=io_spec,
                              input_shape=input_shape, name=name)
@@ -152,7 +165,8 @@ def export_coreml(
     mlmodel.user_defined_metadata.update(
         {"model": prepared.name, "strategy": prepared.strategy or "none",
          "layer_strategies": format_layer_forms(prepared.layer_forms),
-         "precision": precision, **{f"version.{k}": v for k, v in versions.items()}})
+         "precision": precision, "weights": weight_storage(prepared.model),
+         **{f"version.{k}": v for k, v in versions.items()}})
     path = fspath(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
         mlmodel.save(str(tmp))
@@ -163,7 +177,8 @@ def export_coreml(
         input_shapes=spec_shapes(spec.inputs, flexible_batch),
         output_shapes=spec_shapes(spec.outputs, flexible_batch),
         file_size_bytes=path_size(path),
-        options={"precision": precision, "minimum_deployment_target": minimum_deployment_target,
+        options={"precision": precision, "weights": weight_storage(prepared.model),
+                 "minimum_deployment_target": minimum_deployment_target,
                  "flexible_batch": flexible_batch, "max_batch": max_batch,
                  "strategy": prepared.strategy,
                  "layer_forms": prepared.layer_forms, "model": prepared.name},

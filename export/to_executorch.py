@@ -25,6 +25,7 @@ from export.result import (
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.quantize import weight_storage
 
 #: aten ops whose MACs count as "conv/matmul MACs" (training IR and edge dialect names).
 _CONV_OPS = ("aten.convolution", "aten.conv2d")
@@ -189,7 +190,8 @@ def export_executorch(
         file_size_bytes=path_size(path),
         options={"backend": "xnnpack", "dynamic_batch": dynamic_batch, "max_batch": max_batch,
                  "strategy": prepared.strategy,
-                 "layer_forms": prepared.layer_forms, "model": prepared.name},
+                 "layer_forms": prepared.layer_forms, "model": prepared.name,
+                 "weights": weight_storage(prepared.model)},
         tool_versions=tool_versions("executorch"),
         op_counts={op: b["delegated"] + b["non_delegated"] for op, b in by_op.items()},
         notes=notes,

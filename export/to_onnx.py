@@ -32,6 +32,7 @@ from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY
+from odconv_deploy.quantize import weight_storage
 from odconv_deploy.strategy_choice import canonical_target
 
 #: Default opset: recent, and accepted by ONNX Runtime (incl. Mobile), onnxsim and the dynamo
@@ -182,6 +183,7 @@ def export_onnx(
         meta = {"producer": "odconv-deploy", "model": prepared.name,
                 "strategy": prepared.strategy or "none", "exporter": exporter,
                 "layer_strategies": format_layer_forms(prepared.layer_forms),
+                "weights": weight_storage(prepared.model),
                 **({BLOCK_METADATA_KEY: block} if block is not None else {}),
                 **{f"version.{k}": v for k, v in tool_versions("onnx").items()}}
         del proto.metadata_props[:]
@@ -207,7 +209,8 @@ def export_onnx(
                  "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
                  "target": target, "nchwc_block": block,
                  "layer_forms": prepared.layer_forms,
-                 "exporter": exporter, "external_data": external, "model": prepared.name},
+                 "exporter": exporter, "external_data": external, "model": prepared.name,
+                 "weights": weight_storage(prepared.model)},
         tool_versions=tool_versions("onnx"),
         op_counts=dict(Counter(n.op_type for n in graph.node)),
         details={"nodes": len(graph.node), "converted_layers": prepared.converted_layers,

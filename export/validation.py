@@ -35,10 +35,13 @@ from odconv_deploy.validation.validate import (
 #: ONNX and the ``.ort`` file run in the same ONNX Runtime as the ONNX (and their outputs are
 #: compared with PyTorch by the validation itself).
 ROUTING_FORMATS = (ExportFormat.ONNX, ExportFormat.COREML, ExportFormat.EXECUTORCH)
+#: The reference of an int8w run: the deploy model with its kernel banks int8.
+QUANTIZED_REFERENCE = "torch int8w (kernel banks int8)"
 
 
 def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None = None,
-                   io_spec: IOSpec | None = None) -> list[Candidate]:
+                   io_spec: IOSpec | None = None, deploy_name: str = "torch (deploy form)"
+                   ) -> list[Candidate]:
     """Every runner that can execute each artifact (plus the PyTorch deploy form if given).
 
     The runners of each format come from the format table (:data:`export.formats.FORMATS`):
@@ -49,8 +52,7 @@ def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None 
     """
     found: list[Candidate] = []
     if deploy_model is not None:
-        found.append(Candidate(TorchRunner(deploy_model, io_spec, name="torch (deploy form)"),
-                               "fp32"))
+        found.append(Candidate(TorchRunner(deploy_model, io_spec, name=deploy_name), "fp32"))
     for result in results:
         if result.ok:
             found += FORMATS[result.format].validation_runners(result)
@@ -62,11 +64,15 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                        input_shape: tuple[int, ...] | None = None,
                        deploy_model: nn.Module | None = None, batches: Sequence[int] = (1, 3),
                        seed: int = 0, image_folder: str | None = None,
+                       quantized: bool = False,
                        progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
     """Check every artifact (and the deploy form) against the PyTorch model ``model``.
 
     The I/O spec is ``io_spec``, else the model's own or one for ``input_shape`` (as the
-    exporters take it), with the outputs named after what the model returns.
+    exporters take it), with the outputs named after what the model returns. With
+    ``quantized`` (an ``int8w`` run) the reference is ``deploy_model`` itself, the quantized
+    model the artifacts were made from: they must compute what it computes, at the float32
+    rule (the quantization's own cost is :mod:`odconv_deploy.validation.drift`'s to report).
     """
     if io_spec is None:
         declared = getattr(model, "io_spec", None)
@@ -74,7 +80,13 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
             ",".join(map(str, (1, *input_shape[1:]))))
         model, io_spec = describe_io(model, type(model).__name__,
                                      declared if isinstance(declared, IOSpec) else None, inputs)
-    reference = TorchRunner(model, io_spec, name="torch (train form)")
+    if quantized:
+        if deploy_model is None:
+            raise ValueError("quantized=True needs the quantized deploy_model as the reference")
+        reference = TorchRunner(deploy_model, io_spec, name=QUANTIZED_REFERENCE)
+        deploy_model = None
+    else:
+        reference = TorchRunner(model, io_spec, name="torch (train form)")
     return validate(reference, candidates_for(results, deploy_model=deploy_model,
                                               io_spec=io_spec),
                     io_spec, batches=batches, seed=seed, image_folder=image_folder,

@@ -149,7 +149,8 @@ def _conversions(args: argparse.Namespace, loaded: object, console: Console) -> 
     stored = loaded.conversion
     strategy = args.strategy or (stored[0].strategy if stored else DEFAULT_STRATEGY)
     return Conversions(loaded.model, strategy, stored=stored,
-                       progress=lambda s: console.progress(f"-> {s}"))
+                       progress=lambda s: console.progress(f"-> {s}"),
+                       precision=getattr(args, "precision", "fp32"))
 
 
 @contextlib.contextmanager
@@ -227,17 +228,19 @@ def _cmd_convert(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from export import export_formats, parse_formats
+    from export.formats import check_precision
     from export.prepare import check_batch_size
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
     formats = parse_formats(args.formats)
+    check_precision(args.precision, formats)
     with _quiet(console, args.out) as log:
         loaded = _load(args, console)
         _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
         results = export_formats(
             loaded.model, args.out, formats, stem=loaded.name,
             conversions=_conversions(args, loaded, console), io_spec=loaded.io_spec,
-            opset=args.opset, coreml_precision=args.coreml_precision,
+            opset=args.opset, coreml_precision=args.coreml_precision, precision=args.precision,
             dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
             onnx_target=args.onnx_target, overwrite=args.overwrite,
             progress=lambda step: console.progress(f"-> {step} ..."))
@@ -250,20 +253,22 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from export import ExportFormat, artifact_result, export_formats, parse_formats
+    from export.formats import check_precision
     from export.prepare import check_batch_size
     from export.validation import routed_formats, routing_agreement, validate_artifacts
     from odconv_deploy._atomic import atomic_output, check_writable
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
     formats = parse_formats(args.formats)
+    given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
+                                      (ExportFormat.EXECUTORCH, args.pte),
+                                      (ExportFormat.COREML, args.coreml)) if p]
+    check_precision(args.precision, [fmt for fmt, _ in given] or formats)
     if args.json:
         check_writable(Path(args.json), overwrite=True)
     if args.images and not Path(args.images).is_dir():
         raise ODConvDeployError(f"--images {args.images!r} is not a folder. Note: pass a folder "
                                 "of .png/.jpg images.")
-    given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
-                                      (ExportFormat.EXECUTORCH, args.pte),
-                                      (ExportFormat.COREML, args.coreml)) if p]
     for _, path in given:
         if not Path(path).exists():
             raise ODConvDeployError(f"Artifact {path} does not exist.")
@@ -282,15 +287,17 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
                 _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
             results = export_formats(loaded.model, args.out or tmp, formats, stem=loaded.name,
                                      conversions=conversions, io_spec=loaded.io_spec,
+                                     precision=args.precision,
                                      dynamic_batch=args.dynamic_batch,
                                      batch_size=args.fixed_batch, onnx_target=args.onnx_target,
                                      overwrite=args.overwrite,
                                      progress=lambda s: console.progress(f"-> {s} ..."))
             _print_exports(console, results)
-        deploy = conversions.get("torch").model
+        deploy = conversions.get("torch")
         report = validate_artifacts(loaded.model, results, io_spec=loaded.io_spec,
-                                    deploy_model=deploy, batches=batches, seed=args.seed,
+                                    deploy_model=deploy.model, batches=batches, seed=args.seed,
                                     image_folder=args.images,
+                                    quantized=deploy.float_model is not None,
                                     progress=lambda s: console.progress(f"-> {s} ..."))
         routing = None
         if not given and not args.no_routing:
@@ -379,13 +386,14 @@ def _golden_step(args: argparse.Namespace, io_spec: IOSpec, results: list[Export
 
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from export.formats import check_precision
     from odconv_deploy._atomic import OutputPathError
     from runtime_bench.bench import BenchConfig, benchmark
     from runtime_bench.bench_formats import parse_bench_formats
     from runtime_bench.measure import MeasureSettings
     from runtime_bench.report import check_report_writable, to_markdown, write_report
 
-    parse_bench_formats(args.formats)  # before any work
+    check_precision(args.precision, _bench_artifacts(parse_bench_formats(args.formats)))
     check_report_writable(args.out, overwrite=args.overwrite)
     artifacts = Path(args.out) / "artifacts"
     if artifacts.is_dir() and any(artifacts.iterdir()) and not args.overwrite:
@@ -431,20 +439,27 @@ def _square_input(args: argparse.Namespace, console: Console, size: int) -> str:
     return ",".join(map(str, (1, spec.inputs[0].shape[1], size, size)))
 
 
+def _bench_artifacts(bench_formats: list[object]) -> list[object]:
+    """The export formats the benchmark of ``bench_formats`` makes (PyTorch makes none)."""
+    return [b.artifact for b in bench_formats if b.artifact is not None]
+
+
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from export import parse_formats
+    from export.formats import check_precision
     from odconv_deploy._atomic import check_writable
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
     from runtime_bench.bench_formats import parse_bench_formats
 
     formats = parse_formats(args.formats)  # before any work
     bench_formats = parse_bench_formats(args.bench_formats)
+    check_precision(args.precision, formats + _bench_artifacts(bench_formats))
     check_writable(Path(args.out) / "report.json", overwrite=args.overwrite)
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
         model_args=args.model_args, input_shape=args.input_shape,
-        trust_pickle=args.trust_pickle, strategy=args.strategy, out=args.out,
-        overwrite=args.overwrite, quick=args.quick,
+        trust_pickle=args.trust_pickle, strategy=args.strategy, precision=args.precision,
+        out=args.out, overwrite=args.overwrite, quick=args.quick,
         formats=tuple(f.value for f in formats),
         bench_formats=tuple(b.name for b in bench_formats),
         threads=args.threads)
@@ -459,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults are shown in ``--help``)."""
     from export.formats import FORMAT_NAMES
     from export.to_onnx import ONNX_TARGETS
+    from odconv_deploy.quantize import PRECISIONS
     from runtime_bench.bench_formats import BENCH_FORMATS, renamed_backends
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -515,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_positive_int, default=None,
                        action=_deprecated("--fixed-batch N"), help=argparse.SUPPRESS)
 
+    def precision_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                       help="what the artifacts store and compute in: " + "; ".join(
+                           f"{k}: {v}" for k, v in PRECISIONS.items()))
+
     def exported_set_args(p: argparse.ArgumentParser) -> None:
         """Batch axis and ONNX target of the artifacts a command exports."""
         batch_mode_args(p, "bake batch N into the artifacts instead of a dynamic batch axis "
@@ -545,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset")
     p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
                    help="CoreML compute precision")
+    precision_arg(p)
     exported_set_args(p)
     p.set_defaults(func=_cmd_export)
 
@@ -577,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --coreml: also check the MIL executor (and predict, where it "
                    "runs) against the outputs recorded in DIR")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    precision_arg(p)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="latency of a model beside its static twin",
@@ -605,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "other than 1: onnx-sim and ort only)")
     p.add_argument("--fresh-process", action="store_true",
                    help="measure each cell's latency, cold start and memory in a new process")
+    precision_arg(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",
@@ -618,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                    action=_deprecated("--bench-formats", renamed_backends))
     p.add_argument("--threads", type=_positive_int, default=1, help="threads for the benchmark")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    precision_arg(p)
     p.set_defaults(func=_cmd_run)
     return parser
 

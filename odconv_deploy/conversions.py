@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import io_spec_to_dict
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d, ort_nchwc_block
+from odconv_deploy.quantize import check_precision_name, quantize_kernel_banks
 from odconv_deploy.reparameterize import (
     ConversionResult,
     LayerConversion,
@@ -54,6 +55,9 @@ class Conversions:
         progress: Told when a conversion starts (they can take a while on large models).
         stored: A conversion made earlier (a deploy checkpoint's), with its target and batch
             mode, reused where its plan is asked for.
+        precision: ``int8w`` stores every conversion's kernel banks int8
+            (:func:`~odconv_deploy.quantize.quantize_kernel_banks`); other precisions leave the
+            weights float32 (the exporters apply them).
 
     Attributes:
         performed: How many conversions this object ran (each verified in float64).
@@ -61,17 +65,27 @@ class Conversions:
 
     def __init__(self, model: nn.Module, strategy: str = DEFAULT_STRATEGY, *,
                  stored: tuple[ConversionResult, str, bool] | None = None,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
+                 progress: Callable[[str], None] = lambda _: None,
+                 precision: str = "fp32") -> None:
         check_strategy_name(strategy)
+        check_precision_name(precision)
         self.model = model
         self.strategy = strategy
+        self.precision = precision
         self.progress = progress
         self.performed = 0
         self._specs = [inspect_odconv(layer, name) for name, layer in find_odconv_layers(model)]
+        if precision == "int8w" and not self._specs:
+            raise ODConvDeployError(
+                f"{type(model).__name__} has no ODConv layer, so int8w has no kernel bank to "
+                "store int8. Note: int8w quantizes ODConv banks only; use --precision fp32.")
         self._cache: dict[tuple[str, ...], ConversionResult] = {}
         if stored is not None:
             result, target, dynamic_batch = stored
             if result.strategy == strategy:
+                if precision == "int8w":
+                    result = replace(result, model=quantize_kernel_banks(result.model),
+                                     float_model=result.model)
                 self._cache[self.plan(target, dynamic_batch)] = result
 
     @property
@@ -99,8 +113,12 @@ class Conversions:
                 forms = ", ".join(f"{form}:{key.count(form)}" for form in sorted(set(key)))
                 self.progress(f"convert {len(key)} ODConv layers ({forms}), each verified in "
                               "float64 ...")
-                self._cache[key] = convert_model(self.model, strategy=self.strategy,
-                                                 target=target, dynamic_batch=dynamic_batch)
+                result = convert_model(self.model, strategy=self.strategy, target=target,
+                                       dynamic_batch=dynamic_batch)
+                if self.precision == "int8w":
+                    result = replace(result, model=quantize_kernel_banks(result.model),
+                                     float_model=result.model)
+                self._cache[key] = result
                 self.performed += 1
         return self._cache[key]
 

@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class PipelineOptions:
     input_shape: str | list[str] | tuple[int, ...] | None = None
     trust_pickle: bool = False
     strategy: str | None = None  # default: a deploy checkpoint's own, else DEFAULT_STRATEGY
+    precision: str = "fp32"  # a key of odconv_deploy.quantize.PRECISIONS
     formats: tuple[str, ...] = ("onnx", "onnx-sim", "ort", "coreml", "pte")
     bench_formats: tuple[str, ...] = ("onnx-sim", "pte", "torch")
     threads: int = 1
@@ -173,7 +174,8 @@ class _Pipeline:
         stored = self.loaded.conversion
         strategy = o.strategy or (stored[0].strategy if stored else DEFAULT_STRATEGY)
         self.conversions = Conversions(self.loaded.model, strategy, stored=stored,
-                                       progress=lambda s: self.progress(f"    {s}"))
+                                       progress=lambda s: self.progress(f"    {s}"),
+                                       precision=o.precision)
         k = self.loaded.kwargs.get("kernel_num")
         self.report.title_model = self.loaded.name + (f" (kernel_num={k})" if k else "")
         self.report.strategy = strategy
@@ -184,7 +186,8 @@ class _Pipeline:
 
     def convert(self) -> StepOutcome:
         result = self.conversions.get("torch")
-        self.deploy = result.model
+        self.deploy = result.model  # the reference of the artifacts (quantized in int8w)
+        float_deploy = result.float_deploy
         errors = [layer.max_abs_error for layer in result.layers
                   if layer.max_abs_error is not None]
         worst = max(errors, default=0.0)
@@ -195,14 +198,17 @@ class _Pipeline:
         for batch in (1, 3):
             inputs = spec.sample_inputs(batch, seed=batch)
             with torch.no_grad():
-                ref, got = (_as_tuple(m(*inputs)) for m in (self.loaded.model, self.deploy))
+                ref, got = (_as_tuple(m(*inputs)) for m in (self.loaded.model, float_deploy))
             err = max((r - g).abs().max().item() for r, g in zip(ref, got, strict=True))
             scale = max(r.abs().max().item() for r in ref)
             data[f"model_max_abs_error_fp32_batch{batch}"] = err
             if not within_tolerance(err, scale, rtol=FP32_MODEL_RTOL, atol=FP32_MODEL_RTOL):
                 return Status.FAILED, f"deploy form differs at batch {batch}: {err:.2e}", data
-        save_deploy_checkpoint(self.out / f"{self.loaded.name}_deploy.pt", self.loaded, result,
+        save_deploy_checkpoint(self.out / f"{self.loaded.name}_deploy.pt", self.loaded,
+                               replace(result, model=float_deploy, float_model=None),
                                target="torch", dynamic_batch=True, overwrite=True)
+        if result.float_model is not None:
+            self.report.sections["Quantization drift"] = self._drift(float_deploy, data)
         if not result.layers:
             return (Status.OK, "0 ODConv layers converted (the network has none); exported as is",
                     data)
@@ -210,6 +216,30 @@ class _Pipeline:
                       f"{result.folded_bn_count} BatchNorms folded; worst layer error (float64) "
                       f"{worst:.1e}; whole model (float32, batch 3) "
                       f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
+
+    def _drift(self, float_deploy: nn.Module, data: dict[str, object]) -> str:
+        """The int8w model against float32: seeded inputs, and the digits test set if it is."""
+        from odconv_deploy.validation.drift import quantization_drift
+        from odconv_deploy.validation.inputs import validation_feeds
+
+        spec = self.loaded.io_spec
+        names, classifier = spec.output_names, spec.task == "classification"
+        feeds = [validation_feeds(spec, [8], seed=self.o.seed + i)[8] for i in range(4)]
+        reports = [quantization_drift(float_deploy, self.deploy, feeds, names,
+                                      precision=self.o.precision, inputs="32 seeded inputs",
+                                      classifier=classifier)]
+        if self.loaded.zoo_name == DIGITS_MODEL:
+            from odconv_deploy.digits import load_digits_splits
+
+            _, test = load_digits_splits()
+            feeds = [{spec.input_names[0]: test.images[i:i + 60]}
+                     for i in range(0, len(test.images), 60)]
+            reports.append(quantization_drift(
+                float_deploy, self.deploy, feeds, names, precision=self.o.precision,
+                inputs=f"the digits test set ({len(test.images)} images)",
+                classifier=classifier))
+        data["drift"] = [r.to_dict() for r in reports]
+        return "\n".join(r.to_markdown() for r in reports)
 
     def export(self) -> StepOutcome:
         from export import export_formats, format_layer_forms, parse_formats
@@ -248,13 +278,18 @@ class _Pipeline:
                                for r in self.exports), data
 
     def validate(self) -> StepOutcome:
-        from export.validation import accuracy_table, candidates_for
+        from export.validation import QUANTIZED_REFERENCE, accuracy_table, candidates_for
         from odconv_deploy.runners import TorchRunner
         from odconv_deploy.validation.validate import validate
 
         spec = self.loaded.io_spec
-        reference = TorchRunner(self.loaded.model, spec, name="torch (train form)")
-        candidates = candidates_for(self.exports, deploy_model=self.deploy, io_spec=spec)
+        train = TorchRunner(self.loaded.model, spec, name="torch (train form)")
+        quantized = self.conversions.precision == "int8w"
+        # An int8w artifact must compute what the quantized model does (exactly, at the fp32
+        # rule); its distance from float32 is the drift, reported by the convert step.
+        reference = TorchRunner(self.deploy, spec, name=QUANTIZED_REFERENCE) if quantized else train
+        candidates = candidates_for(self.exports, deploy_model=None if quantized else self.deploy,
+                                    io_spec=spec)
         report = validate(reference, candidates, spec, batches=(1, 3), seed=self.o.seed,
                           progress=lambda s: self.progress(f"    {s}"))
         section = report.to_markdown()
@@ -263,16 +298,18 @@ class _Pipeline:
             from odconv_deploy.digits import load_digits_splits
 
             _, test = load_digits_splits()
-            rows = accuracy_table(reference, candidates_for(self.exports,
-                                                            deploy_model=self.deploy,
-                                                            io_spec=spec),
+            deploy_name = QUANTIZED_REFERENCE if quantized else "torch (deploy form)"
+            rows = accuracy_table(train, candidates_for(self.exports, deploy_model=self.deploy,
+                                                        io_spec=spec, deploy_name=deploy_name),
                                   test.images, test.labels, batch=8)
             data["accuracy"] = [asdict(r) for r in rows]
-            section += "\n### Test accuracy (sklearn digits, 360 images)\n\n" + "\n".join(
-                markdown_table(["runner", "accuracy", "agreement with PyTorch", "note"],
-                               [(r.runner, "-" if r.accuracy is None else f"{r.accuracy:.4f}",
-                                 "-" if r.agreement is None else f"{r.agreement:.4f}",
-                                 f"skipped: {r.skipped}" if r.skipped else "") for r in rows]))
+            table = markdown_table(
+                ["runner", "accuracy", "agreement with float32 PyTorch", "note"],
+                [(r.runner, "-" if r.accuracy is None else f"{r.accuracy:.4f}",
+                  "-" if r.agreement is None else f"{r.agreement:.4f}",
+                  f"skipped: {r.skipped}" if r.skipped else "") for r in rows])
+            section += (f"\n### Test accuracy (sklearn digits, {len(test.images)} images)\n\n"
+                        + "\n".join(table))
         self.report.sections["Validation"] = section
         checks = len(report.comparisons)
         failed = [f"{c.runner} b{c.batch}" for c in report.comparisons if not c]

@@ -44,6 +44,13 @@ class ConversionResult:
     model: nn.Module
     strategy: str  # a deploy form, or "auto" (each layer's choice is in ``layers``)
     layers: list[LayerConversion] = field(default_factory=list)
+    #: The float32 deploy model ``model`` was quantized from (None: ``model`` is float).
+    float_model: nn.Module | None = None
+
+    @property
+    def float_deploy(self) -> nn.Module:
+        """The float32 deploy model: ``float_model`` when quantized, else ``model``."""
+        return self.model if self.float_model is None else self.float_model
 
     @property
     def layer_forms(self) -> dict[str, int]:

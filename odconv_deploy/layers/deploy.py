@@ -100,6 +100,8 @@ class ODConv2dDeploy(nn.Module):
         self.attention_fc = nn.Linear(in_channels, attention_channels)
         self.attention_heads = nn.Linear(attention_channels, bounds[4])
         self.weight = nn.Parameter(torch.zeros(self.weight_shape()))
+        #: The bank stored int8 (``int8w``, :meth:`store_bank_int8`); ``weight`` is then None.
+        self.weight_int8: nn.Module | None = None
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         # Derived constant (not saved): the one-hot kernel that builds im2col columns.
         self.register_buffer("tap_kernel", onehot_tap_kernel(in_channels, kernel_size),
@@ -124,6 +126,39 @@ class ODConv2dDeploy(nn.Module):
     def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Rearrange a canonical ``[K, C_out, C_in/g, k, k]`` weight into this layout."""
         return weight
+
+    def canonical_weight(self) -> torch.Tensor:
+        """The bank in the canonical ``[K, C_out, C_in/g, k, k]`` layout (inverse of the layout).
+
+        Every layout is a rearrangement of the canonical tensor's elements, so laying out their
+        indices gives each stored element's canonical position.
+        """
+        shape = (self.kernel_num, self.out_channels, self.in_channels // self.groups,
+                 self.kernel_size, self.kernel_size)
+        index = self.layout_weight(torch.arange(self.weight.numel()).reshape(shape))
+        canonical = torch.empty(self.weight.numel(), dtype=self.weight.dtype)
+        canonical[index.reshape(-1)] = self.weight.detach().reshape(-1)
+        return canonical.reshape(shape)
+
+    def bank(self) -> torch.Tensor:
+        """The kernel bank in this form's layout: ``weight``, or the int8 bank dequantized."""
+        if self.weight_int8 is None:
+            return self.weight
+        return self.layout_weight(self.weight_int8())
+
+    def store_bank_int8(self) -> None:
+        """Store the bank int8 per output channel (:class:`~odconv_deploy.quantize.Int8Bank`).
+
+        The layer then computes with the dequantized bank; ``weight`` becomes None.
+        """
+        from odconv_deploy.quantize import Int8Bank
+
+        if self.weight_int8 is not None:
+            return
+        bank = Int8Bank(self.canonical_weight())
+        del self.weight
+        self.register_parameter("weight", None)
+        self.weight_int8 = bank
 
     def extra_repr(self) -> str:
         """Constructor arguments and strategy, as shown by ``print(model)``."""
@@ -200,7 +235,7 @@ class ODConv2dDeploy(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         check_conv_input(x, self.in_channels, self.layer_name or type(self).__name__,
-                         self.weight.dtype)
+                         self.attention_fc.weight.dtype)
 
     def _finish(self, out: torch.Tensor, filt: torch.Tensor | None) -> torch.Tensor:
         """Apply the filter attention ``[B, C_out]`` (if any) and the bias to the output."""
@@ -238,7 +273,8 @@ class Im2colODConv2d(ODConv2dDeploy):
 
     def aggregated_weight(self, att: Attentions) -> torch.Tensor:
         """Kernel aggregation, one fully-connected op over the bank: ``[B or 1, N]``."""
-        return F.linear(att.kernel, self.weight) if att.kernel is not None else self.weight.t()
+        bank = self.bank()
+        return F.linear(att.kernel, bank) if att.kernel is not None else bank.t()
 
     def _column_scale(self, att: Attentions, channel_on_weight: bool) -> torch.Tensor | None:
         """Per-sample factor of the weight's columns, ``[B, g or 1, 1, C_in/g*k*k]``, or None.
@@ -461,7 +497,7 @@ class DynamicWeightODConv2d(ODConv2dDeploy):
                 weight = weight * rows.reshape(cout, 1)
             return weight.reshape(cout, cin_g, k, k)
 
-        bank = self.weight.reshape(self.kernel_num, -1)
+        bank = self.bank().reshape(self.kernel_num, -1)
         return self._per_sample_convs(x, att, bank, channel_on_weight,
                                       att.filter is None or filter_on_weight, conv_weight)
 
@@ -493,7 +529,7 @@ class StaticWeightODConv2d(ODConv2dDeploy):
         batch = x.shape[0]
         if self.kernel_size == 1:
             scale = att.channel if att.spatial is None else att.channel * att.spatial
-            out = F.conv2d(x * scale[:, :, None, None], self.weight, None, self.stride,
+            out = F.conv2d(x * scale[:, :, None, None], self.bank(), None, self.stride,
                            self.padding, 1, self.groups)
         else:
             cols = im2col(x, self.tap_kernel, self.kernel_size, self.stride, self.padding,
@@ -502,7 +538,7 @@ class StaticWeightODConv2d(ODConv2dDeploy):
             if att.spatial is not None:
                 scale = scale * att.spatial[:, None, :]  # [B, C_in, k*k], channel-major
             cols = cols * scale.reshape(batch, -1, 1, 1)
-            out = F.conv2d(cols, self.weight, None, 1, 0, 1, self.groups)
+            out = F.conv2d(cols, self.bank(), None, 1, 0, 1, self.groups)
         if self.kernel_num > 1:
             out_h, out_w = out.shape[2], out.shape[3]
             out = out.reshape(batch, self.groups, self.kernel_num, -1)

@@ -192,5 +192,5 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
                                   self.block, self.depthwise)
 
         # The filter attention always scales the output (see the class docstring).
-        return self._per_sample_convs(x, att, self.weight, channel_on_weight,
+        return self._per_sample_convs(x, att, self.bank(), channel_on_weight,
                                       att.filter is None, conv_weight)
