@@ -135,12 +135,33 @@ def artifact_result(fmt: ExportFormat, path: str | os.PathLike, io_spec: IOSpec,
     options: dict[str, object] = {}
     if fmt is ExportFormat.COREML:
         options["precision"] = _coreml_precision(path, notes)
+    weights = recorded_weights(fmt, path)
+    if weights is not None:
+        options["weights"] = weights
     return ExportResult(
         format=fmt, path=path, input_names=io_spec.input_names,
         output_names=io_spec.output_names,
         input_shapes=spec_shapes(io_spec.inputs, dynamic_batch),
         output_shapes=spec_shapes(io_spec.outputs, dynamic_batch),
         file_size_bytes=path_size(path), options=options, notes=notes)
+
+
+def recorded_weights(fmt: ExportFormat, path: str | os.PathLike) -> str | None:
+    """The weight storage (``float`` / ``int8w``) an ONNX or Core ML artifact's metadata records.
+
+    None for other formats and for files without the record (not made by this package).
+    """
+    if fmt in (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED):
+        import onnx
+
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+        return next((p.value for p in props if p.key == "weights"), None)
+    if fmt is ExportFormat.COREML:
+        from odconv_deploy.errors import require_backend
+
+        ct = require_backend("coremltools", extra="coreml", purpose="Reading a Core ML artifact")
+        return ct.utils.load_spec(str(path)).description.metadata.userDefined.get("weights")
+    return None
 
 
 def _coreml_precision(path: Path, notes: list[str]) -> str:

@@ -172,7 +172,9 @@ def accuracy_table(reference: Runner, candidates: Sequence[Candidate], images: n
                    labels: np.ndarray, *, batch: int = 1) -> list[AccuracyRow]:
     """Accuracy of the reference and every candidate on a labelled set (batch ``batch``).
 
-    Runs in chunks of ``batch`` (use 1 for artifacts with a fixed batch).
+    Runs in chunks of ``batch`` (use 1 for artifacts with a fixed batch). Bound-only
+    candidates (the MIL executor's fp16-accumulation model) are left out: they bracket the
+    numbers for validation and are no runtime a user ships (and run op by op in Python).
     """
     def predictions(runner: Runner) -> np.ndarray:
         name = runner.input_metadata()[0].name
@@ -184,7 +186,7 @@ def accuracy_table(reference: Runner, candidates: Sequence[Candidate], images: n
     with reference:
         truth = predictions(reference)
     rows = [AccuracyRow(reference.name, float((truth == labels).mean()), 1.0)]
-    for cand in candidates:
+    for cand in (c for c in candidates if not c.bound_only):
         try:
             with cand.runner:
                 pred = predictions(cand.runner)

@@ -198,8 +198,9 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
         k = str(args.kernel_num) if entry.is_odconv else "-"
         console.info(f"{name:<22}{k:>11}{c.params / 1e6:>11.2f}M{c.macs / 1e9:>11.3f}G  "
                      f"{entry.static_twin if entry.is_odconv else '-'}")
-    console.info("also: od_tinynet_digits (trained on sklearn digits), package.module:callable "
-                 "(--model-args), model files (--trust-pickle for pickled modules)")
+    console.info("also: od_tinynet_digits and od_mobilenetv2_digits (trained on sklearn "
+                 "digits), package.module:callable (--model-args), model files "
+                 "(--trust-pickle for pickled modules)")
     return EXIT_OK
 
 
@@ -282,6 +283,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             results = [artifact_result(fmt, path, loaded.io_spec,
                                        dynamic_batch=args.dynamic_batch)
                        for fmt, path in given]
+            _check_recorded_weights(results, args.precision)
         else:
             if args.out:
                 _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
@@ -327,6 +329,19 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
           and (golden_report is None or golden_report.passed))
     console.info(f"validation {'PASSED' if ok else 'FAILED'}" + (f" (log: {log})" if log else ""))
     return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def _check_recorded_weights(results: list[ExportResult], precision: str) -> None:
+    """Refuse artifacts whose recorded weight storage is not the one ``precision`` checks."""
+    expected = "int8w" if precision == "int8w" else "float"
+    for r in results:
+        recorded = r.options.get("weights")
+        if recorded is not None and recorded != expected:
+            hint = ("--precision int8w" if recorded == "int8w"
+                    else "the --precision it was exported with")
+            raise ODConvDeployError(
+                f"{r.path} stores {recorded} weights (its metadata); --precision {precision} "
+                f"checks {expected} ones. Note: pass {hint}.")
 
 
 def _golden_before_work(args: argparse.Namespace) -> Golden | None:

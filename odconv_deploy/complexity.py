@@ -10,6 +10,7 @@ from torch import nn
 
 from odconv_deploy.detect import looks_like_odconv
 from odconv_deploy.layers.deploy import ODConv2dDeploy
+from odconv_deploy.quantize import Int8Conv2d, Int8Weight
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ def measure_complexity(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 2
         elif isinstance(module, nn.Conv2d):
             total[0] += _conv_macs(out, module.in_channels, module.kernel_size[0],
                                    module.groups)
+        elif isinstance(module, Int8Conv2d):
+            _, c_in_g, k, _ = module.weight_int8.q.shape
+            total[0] += _conv_macs(out, c_in_g * module.groups, k, module.groups)
         elif isinstance(module, nn.Linear):
             total[0] += module.in_features * module.out_features * out.shape[:-1].numel()
 
@@ -83,5 +87,6 @@ def measure_complexity(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 2
     finally:
         for h in hooks:
             h.remove()
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.q.numel() for m in model.modules() if isinstance(m, Int8Weight))
     return Complexity(params=params, macs=total[0])

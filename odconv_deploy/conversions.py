@@ -82,22 +82,33 @@ class Conversions:
         self._cache: dict[tuple[str, ...], ConversionResult] = {}
         if stored is not None:
             result, target, dynamic_batch = stored
-            if result.strategy == strategy:
+            key = self.plan(target, dynamic_batch)
+            # int8w may plan other forms than the stored conversion has (see _auto_target).
+            if result.strategy == strategy and tuple(x.form for x in result.layers) == key:
                 if precision == "int8w":
                     result = replace(result, model=quantize_kernel_banks(result.model),
                                      float_model=result.model)
-                self._cache[self.plan(target, dynamic_batch)] = result
+                self._cache[key] = result
 
     @property
     def layer_count(self) -> int:
         """How many ODConv layers the model has."""
         return len(self._specs)
 
+    def _auto_target(self, target: str) -> str:
+        """The target ``auto`` plans for: ``target``, but ``onnx`` for ONNX Runtime in int8w.
+
+        The ``ort_nchwc`` layers ``auto`` gives ONNX Runtime read a float bank (their NCHWc
+        rewrite), so an int8w model takes the plain ONNX plan there.
+        """
+        onnxruntime = canonical_target(target, warn=False) == "onnxruntime"
+        return "onnx" if self.precision == "int8w" and onnxruntime else target
+
     def plan(self, target: str = "torch", dynamic_batch: bool = True) -> tuple[str, ...]:
         """The deploy form each ODConv layer takes for ``target``, in layer order."""
         if self.strategy != AUTO_STRATEGY:
             return (self.strategy,) * len(self._specs)
-        choice = AutoStrategy(target, dynamic_batch)
+        choice = AutoStrategy(self._auto_target(target), dynamic_batch)
         return tuple(choice.choose(spec) for spec in self._specs)
 
     def get(self, target: str = "torch", dynamic_batch: bool = True) -> ConversionResult:
@@ -113,7 +124,8 @@ class Conversions:
                 forms = ", ".join(f"{form}:{key.count(form)}" for form in sorted(set(key)))
                 self.progress(f"convert {len(key)} ODConv layers ({forms}), each verified in "
                               "float64 ...")
-                result = convert_model(self.model, strategy=self.strategy, target=target,
+                result = convert_model(self.model, strategy=self.strategy,
+                                       target=self._auto_target(target),
                                        dynamic_batch=dynamic_batch)
                 if self.precision == "int8w":
                     result = replace(result, model=quantize_kernel_banks(result.model),

@@ -30,6 +30,7 @@ from torch import nn
 
 from odconv_deploy.checkpoint import load_checkpoint
 from odconv_deploy.conversions import DEPLOY_CHECKPOINT_KEY, restore_conversion
+from odconv_deploy.digits import DIGITS_MODELS
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec, TensorSpec, io_spec_from_dict
 from odconv_deploy.models import create_model, list_models, model_entry
@@ -37,7 +38,8 @@ from odconv_deploy.outputs import FlatOutputs, flatten_outputs, needs_flattening
 from odconv_deploy.reparameterize import ConversionResult
 from odconv_deploy.synthetic import synthesize_weights
 
-#: The committed trained model (od_tinynet on scikit-learn's digits).
+#: The committed trained model (od_tinynet on scikit-learn's digits); all of them:
+#: :data:`odconv_deploy.digits.DIGITS_MODELS`.
 DIGITS_MODEL = "od_tinynet_digits"
 #: kernel_num of ODConv zoo models when none is given.
 DEFAULT_KERNEL_NUM = 4
@@ -80,8 +82,8 @@ class LoadedModel:
 
 
 def zoo_names() -> list[str]:
-    """Every name ``--model`` takes from the zoo: the registry and the trained digits model."""
-    return list_models() + [DIGITS_MODEL]
+    """Every name ``--model`` takes from the zoo: the registry and the trained digits models."""
+    return list_models() + list(DIGITS_MODELS)
 
 
 # -- parsing of the user's strings ------------------------------------------------------------
@@ -213,14 +215,14 @@ def describe_io(model: nn.Module, name: str, declared: IOSpec | None,
 # -- the sources ------------------------------------------------------------------------------
 def _zoo(name: str, checkpoint: str | os.PathLike | None, kernel_num: int | None,
          kwargs: dict[str, object], seed: int) -> LoadedModel:
-    if name == DIGITS_MODEL:
+    if name in DIGITS_MODELS:
         from odconv_deploy.digits import load_digits_model
 
         if checkpoint is not None or kwargs or kernel_num is not None:
             raise ModelSourceError(
-                f"{DIGITS_MODEL} is a fixed trained model; it takes no --checkpoint, "
-                "--kernel-num or --model-args. Note: use od_tinynet to choose them.")
-        model = load_digits_model()
+                f"{name} is a fixed trained model; it takes no --checkpoint, --kernel-num or "
+                f"--model-args. Note: use {DIGITS_MODELS[name].arch} to choose them.")
+        model = load_digits_model(name)
         return LoadedModel(name, model, model.io_spec, "trained on sklearn digits",
                            zoo_name=name, recipe={"kind": "zoo", "name": name, "kwargs": {}})
     entry = model_entry(name)
@@ -478,11 +480,10 @@ def static_twin_of(loaded: LoadedModel, *, seed: int = 0) -> LoadedModel:
     (:func:`odconv_deploy.static_twin.derive_static_twin`). Weights are synthetic: the twin is
     for latency, not accuracy.
     """
-    if loaded.zoo_name == DIGITS_MODEL:
-        from odconv_deploy.digits import MODEL_KWARGS
-
-        kwargs = {k: v for k, v in MODEL_KWARGS.items() if k != "kernel_num"}
-        twin = _zoo("tinynet", None, None, kwargs, seed)
+    if loaded.zoo_name in DIGITS_MODELS:
+        trained = DIGITS_MODELS[loaded.zoo_name]
+        kwargs = {k: v for k, v in trained.kwargs.items() if k != "kernel_num"}
+        twin = _zoo(model_entry(trained.arch).static_twin, None, None, kwargs, seed)
     elif loaded.zoo_name is not None:
         kwargs = {k: v for k, v in loaded.kwargs.items() if k not in ("kernel_num", "reduction")}
         twin = _zoo(model_entry(loaded.zoo_name).static_twin, None, None, kwargs, seed)

@@ -20,8 +20,9 @@ from torch import nn
 
 from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
+from odconv_deploy.digits import DIGITS_MODELS
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
-from odconv_deploy.model_source import DIGITS_MODEL, LoadedModel, load_model
+from odconv_deploy.model_source import LoadedModel, load_model
 from odconv_deploy.status import Status
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.tolerance import within_tolerance
@@ -228,10 +229,10 @@ class _Pipeline:
         reports = [quantization_drift(float_deploy, self.deploy, feeds, names,
                                       precision=self.o.precision, inputs="32 seeded inputs",
                                       classifier=classifier)]
-        if self.loaded.zoo_name == DIGITS_MODEL:
-            from odconv_deploy.digits import load_digits_splits
+        if self.loaded.zoo_name in DIGITS_MODELS:
+            from odconv_deploy.digits import load_digits_test
 
-            _, test = load_digits_splits()
+            test = load_digits_test(self.loaded.zoo_name)
             feeds = [{spec.input_names[0]: test.images[i:i + 60]}
                      for i in range(0, len(test.images), 60)]
             reports.append(quantization_drift(
@@ -294,10 +295,10 @@ class _Pipeline:
                           progress=lambda s: self.progress(f"    {s}"))
         section = report.to_markdown()
         data: dict[str, object] = {"validation": report.to_dict()}
-        if self.loaded.zoo_name == DIGITS_MODEL:
-            from odconv_deploy.digits import load_digits_splits
+        if self.loaded.zoo_name in DIGITS_MODELS:
+            from odconv_deploy.digits import load_digits_test
 
-            _, test = load_digits_splits()
+            test = load_digits_test(self.loaded.zoo_name)
             deploy_name = QUANTIZED_REFERENCE if quantized else "torch (deploy form)"
             rows = accuracy_table(train, candidates_for(self.exports, deploy_model=self.deploy,
                                                         io_spec=spec, deploy_name=deploy_name),

@@ -14,7 +14,7 @@ reference an int8w artifact must match at the float32 rule: every runtime comput
 with the one rounding PyTorch does. How far it is from the float32 model is the quantization
 drift, reported apart (:mod:`odconv_deploy.validation.drift`).
 
-What the exporters make of the one dequantization (:meth:`Int8Bank.forward`):
+What the exporters make of the one dequantization (:meth:`Int8Weight.forward`):
 - ONNX: ``DequantizeLinear`` on the int8 initializer (per axis). Neither onnxsim nor ONNX
   Runtime's optimiser folds it, so ``.onnx``, ``.sim.onnx`` and ``.ort`` keep int8 banks.
 - ExecuTorch: an int8 constant, a cast and a multiply (the bank stays int8 in the ``.pte``).
@@ -41,7 +41,7 @@ PRECISIONS: dict[str, str] = {
 #: int8 range of the symmetric scheme (-128 unused, so ``-q`` is always representable).
 INT8_LIMIT = 127
 #: The output-channel axis of the canonical bank layout ``[K, C_out, C_in/g, k, k]``.
-CHANNEL_AXIS = 1
+BANK_CHANNEL_AXIS = 1
 
 
 def check_precision_name(precision: str) -> None:
@@ -57,45 +57,49 @@ def check_precision_name(precision: str) -> None:
 
 
 class _DequantizeLinear(torch.autograd.Function):
-    """``q * scale`` per axis, exported to ONNX as one ``DequantizeLinear`` node."""
+    """``q * scale`` along ``axis``, exported to ONNX as one ``DequantizeLinear`` node."""
 
     @staticmethod
-    def forward(ctx: object, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return _dequantize(q, scale)
+    def forward(ctx: object, q: torch.Tensor, scale: torch.Tensor, axis: int  # noqa: D102
+                ) -> torch.Tensor:
+        return _dequantize(q, scale, axis)
 
     @staticmethod
-    def symbolic(g: object, q: object, scale: object) -> object:  # noqa: D102
-        return g.op("DequantizeLinear", q, scale, axis_i=CHANNEL_AXIS)
+    def symbolic(g: object, q: object, scale: object, axis: int) -> object:  # noqa: D102
+        return g.op("DequantizeLinear", q, scale, axis_i=axis)
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    shape = [1] * q.dim()
-    shape[CHANNEL_AXIS] = -1
-    return q.to(scale.dtype) * scale.reshape(shape)
+def _channel_shape(rank: int, axis: int) -> list[int]:
+    shape = [1] * rank
+    shape[axis] = -1
+    return shape
 
 
-def channel_scales(bank: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel int8 scales of a canonical bank; 1 for an all-zero channel."""
-    dims = [d for d in range(bank.dim()) if d != CHANNEL_AXIS]
-    peak = bank.detach().abs().amax(dim=dims)
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    return q.to(scale.dtype) * scale.reshape(_channel_shape(q.dim(), axis))
+
+
+def channel_scales(weight: torch.Tensor, axis: int = BANK_CHANNEL_AXIS) -> torch.Tensor:
+    """Symmetric int8 scales per output channel (``axis``); 1 for an all-zero channel."""
+    dims = [d for d in range(weight.dim()) if d != axis]
+    peak = weight.detach().abs().amax(dim=dims)
     return torch.where(peak > 0, peak / INT8_LIMIT, torch.ones_like(peak))
 
 
-class Int8Bank(nn.Module):
-    """A kernel bank stored int8 with a scale per output channel (in the bank's dtype).
+class Int8Weight(nn.Module):
+    """A weight stored int8 with a scale per output channel (in the weight's dtype).
 
     Args:
-        bank: The float bank in the canonical layout ``[K, C_out, C_in/g, k, k]``.
+        weight: The float weight: an ODConv bank ``[K, C_out, C_in/g, k, k]`` (output channels
+            on axis 1) or a conv weight ``[C_out, C_in/g, k, k]`` (axis 0).
+        axis: The output-channel axis.
     """
 
-    def __init__(self, bank: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, axis: int) -> None:
         super().__init__()
-        if bank.dim() != 5:
-            raise ValueError(f"expected a [K, C_out, C_in/g, k, k] bank, got {tuple(bank.shape)}")
-        scale = channel_scales(bank)
-        shape = [1] * bank.dim()
-        shape[CHANNEL_AXIS] = -1
-        q = torch.round(bank.detach() / scale.reshape(shape))
+        self.axis = axis
+        scale = channel_scales(weight, axis)
+        q = torch.round(weight.detach() / scale.reshape(_channel_shape(weight.dim(), axis)))
         self.register_buffer("q", q.clamp(-INT8_LIMIT, INT8_LIMIT).to(torch.int8))
         self.register_buffer("scale", scale)
         # quantize_per_channel (the Core ML route) takes integer zero points.
@@ -103,29 +107,82 @@ class Int8Bank(nn.Module):
                              persistent=False)
 
     def forward(self) -> torch.Tensor:
-        """The dequantized bank ``q * s`` in the canonical layout (in ``scale``'s dtype)."""
+        """The dequantized weight ``q * s`` (in ``scale``'s dtype)."""
         if torch.onnx.is_in_onnx_export():
-            return _DequantizeLinear.apply(self.q, self.scale)
-        bank = _dequantize(self.q, self.scale)
+            return _DequantizeLinear.apply(self.q, self.scale, self.axis)
+        weight = _dequantize(self.q, self.scale, self.axis)
         if torch.jit.is_tracing():
             # The TorchScript trace coremltools converts: a quantize of a constant becomes a
             # constexpr_affine_dequantize of ``q`` (its round(q * s / s) gives back q exactly).
-            bank = torch.quantize_per_channel(bank, self.scale, self.zero_point, CHANNEL_AXIS,
-                                              torch.qint8).dequantize()
-        return bank
+            weight = torch.quantize_per_channel(weight, self.scale, self.zero_point, self.axis,
+                                                torch.qint8).dequantize()
+        return weight
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"shape={tuple(self.q.shape)}, int8 per output channel"
+        return f"shape={tuple(self.q.shape)}, int8 per output channel (axis {self.axis})"
+
+
+class Int8Conv2d(nn.Module):
+    """A static conv whose weight is stored int8 per output channel (a twin's ``int8w``).
+
+    Args:
+        conv: The float conv (zero padding), whose weight and bias it takes.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ODConvDeployError(f"Int8Conv2d takes numeric zero padding; got padding="
+                                    f"{conv.padding!r}, padding_mode={conv.padding_mode!r}.")
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight_int8 = Int8Weight(conv.weight, axis=0)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return nn.functional.conv2d(x, self.weight_int8(), self.bias, self.stride,
+                                    self.padding, self.dilation, self.groups)
 
 
 def has_int8_banks(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` stores its kernel bank int8."""
-    return any(isinstance(m, Int8Bank) for m in model.modules())
+    """Whether any layer of ``model`` stores its weight int8 (an ``int8w`` model)."""
+    return any(isinstance(m, Int8Weight) for m in model.modules())
 
 
 def weight_storage(model: nn.Module) -> str:
-    """What an artifact of ``model`` stores its kernel banks as: ``int8w`` or ``float``."""
+    """What an artifact of ``model`` stores its weights as: ``int8w`` or ``float``."""
     return "int8w" if has_int8_banks(model) else "float"
+
+
+def stored_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters plus the int8 weights and their scales."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    int8 = sum(m.q.numel() + m.scale.numel() * m.scale.element_size()
+               for m in model.modules() if isinstance(m, Int8Weight))
+    return params + int8
+
+
+def quantize_conv_weights(model: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of ``model`` whose convs at ``names`` store their weights int8 (Int8Conv2d).
+
+    What makes a static twin ``int8w`` like its ODConv model: the convs that stand in for the
+    ODConv layers are stored int8 per output channel, the rest stays float.
+
+    Raises:
+        ODConvDeployError: A name that is not an ``nn.Conv2d`` of the model.
+    """
+    quantized = copy.deepcopy(model)
+    modules = dict(quantized.named_modules())
+    for name in names:
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d):
+            raise ODConvDeployError(
+                f"{name!r} is not a Conv2d of {type(model).__name__} (found "
+                f"{type(conv).__name__ if conv is not None else 'nothing'}). Note: pass the "
+                "names of the convs that stand in for the ODConv layers.")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else quantized, attr, Int8Conv2d(conv))
+    return quantized.eval()
 
 
 def quantize_kernel_banks(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -14,6 +14,8 @@ from odconv_deploy.complexity import measure_complexity
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, static_twin_of
+from odconv_deploy.quantize import quantize_conv_weights, stored_weight_bytes
+from odconv_deploy.reparameterize import find_odconv_layers
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
 from odconv_deploy.status import Status
 from runtime_bench.bench_formats import BenchFormat, parse_bench_formats
@@ -112,6 +114,11 @@ def prepare_subjects(loaded: LoadedModel, config: BenchConfig, *,
     """
     formats = {b.artifact for b in parse_bench_formats(config.formats) if b.artifact is not None}
     twin = static_twin_of(loaded)
+    precision = conversions.precision if conversions is not None else "fp32"
+    if precision == "int8w":  # the twin stores its stand-in convs int8 the same way
+        names = [name for name, _ in find_odconv_layers(loaded.model)]
+        twin = replace(twin, model=quantize_conv_weights(twin.model, names),
+                       name=f"{twin.name}_int8w")
     subjects = []
     for role, item in (("odconv", loaded), ("static", twin)):
         convs = (conversions if role == "odconv" and conversions is not None
@@ -171,7 +178,7 @@ def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: Ben
     prepared = {}
     for subject in subjects:
         complexity = measure_complexity(subject.model, inputs=spec.sample_inputs(1))
-        weight_bytes = sum(p.numel() * p.element_size() for p in subject.model.parameters())
+        weight_bytes = stored_weight_bytes(subject.model)
         prepared[subject.role] = (subject, subject.model, subject.artifacts, complexity.macs,
                                   weight_bytes)
         report.artifacts += [a.to_dict() for a in subject.artifacts.values()]

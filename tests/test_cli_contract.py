@@ -11,7 +11,8 @@ import odconv_deploy.conversions as conversions_module
 import odconv_deploy.reparameterize as reparameterize_module
 from odconv_deploy.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, main
 from odconv_deploy.conversions import Conversions
-from odconv_deploy.model_source import DIGITS_MODEL, load_model, zoo_names
+from odconv_deploy.digits import DIGITS_MODELS
+from odconv_deploy.model_source import load_model, zoo_names
 
 DOCUMENTED = {EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_USER_ERROR}
 
@@ -44,7 +45,7 @@ def test_run_with_auto_converts_once_per_distinct_plan(tmp_path, monkeypatch):
 
 def _smoke_args(name: str) -> list[str]:
     """Small, fast settings for zoo model ``name``."""
-    if name == DIGITS_MODEL:
+    if name in DIGITS_MODELS:
         return ["--model", name]
     args = ["--model", name, "--input-shape", "1,3,32,32"]
     return args + (["--kernel-num", "1"] if name.startswith("od_") else [])

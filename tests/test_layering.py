@@ -4,7 +4,7 @@ Layers, bottom first; a module may import its own layer and the layers below it,
 above (docs/architecture.md explains each):
 
 0. foundation: errors, atomic output, I/O spec, output naming, console
-1. layers: the ODConv layer forms, their spec, the pure fusion maths
+1. layers: the ODConv layer forms, their spec, the pure fusion maths, int8 weight storage
 2. core: detection, models, weights, checkpoints, complexity, the auto rules
 3. runners: every runtime's runner (the MIL executor among them)
 4. conversion: conversion, the run's conversions, static twins, model sources
@@ -30,7 +30,7 @@ LAYERS = [
     ("odconv_deploy.outputs", 0), ("odconv_deploy.console", 0), ("odconv_deploy._version", 0),
     ("odconv_deploy.status", 0), ("odconv_deploy.tolerance", 0),
     ("odconv_deploy.tables", 0),
-    ("odconv_deploy.layers", 1), ("odconv_deploy.fusion", 1),
+    ("odconv_deploy.layers", 1), ("odconv_deploy.fusion", 1), ("odconv_deploy.quantize", 1),
     ("odconv_deploy.detect", 2), ("odconv_deploy.models", 2), ("odconv_deploy.synthetic", 2),
     ("odconv_deploy.checkpoint", 2), ("odconv_deploy.complexity", 2),
     ("odconv_deploy.strategy_choice", 2), ("odconv_deploy.digits", 2),

@@ -68,3 +68,30 @@ def test_failed_step_is_recorded_and_later_steps_still_run(tmp_path, monkeypatch
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ok"] is False
     assert "simulated converter crash" in (tmp_path / "report.md").read_text()
+
+
+def test_an_int8w_run_checks_against_the_quantized_model_and_reports_the_drift(tmp_path):
+    out = tmp_path / "int8w"
+    code = main(["run", "--model", "od_tinynet_digits", "--quick", "--precision", "int8w",
+                 "--formats", "onnx,ort", "--bench-formats", "onnx-sim", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert all(s["status"] == "ok" for s in steps.values()), steps
+    drift = steps["convert"]["data"]["drift"]
+    assert [d["inputs"] for d in drift] == ["32 seeded inputs",
+                                           "the digits test set (359 images)"]
+    test_set = drift[1]["outputs"][0]
+    assert 25 < test_set["sqnr_db"] < 80 and test_set["top1_agreement"] > 0.99
+    assert len(drift[1]["kernel_choices"]) == 4
+    validation = steps["validate"]["data"]["validation"]
+    assert validation["reference"] == "torch int8w (kernel banks int8)" and validation["passed"]
+    accuracy = steps["validate"]["data"]["accuracy"]
+    assert accuracy[0]["runner"] == "torch (train form)"
+    assert all(abs(r["accuracy"] - accuracy[0]["accuracy"]) <= 0.005 for r in accuracy[1:])
+    rows = steps["benchmark"]["data"]["rows"]
+    assert {r["model"] for r in rows if r["role"] == "static"} == {"tinynet_int8w"}
+    md = (out / "report.md").read_text()
+    assert "## Quantization drift" in md and "kernel-choice agreement" in md.lower()
+    # the deploy checkpoint keeps the float conversion (it loads like any other)
+    assert (out / "od_tinynet_digits_deploy.pt").is_file()

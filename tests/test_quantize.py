@@ -20,7 +20,7 @@ from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import ODConv2dDeploy
 from odconv_deploy.quantize import (
     INT8_LIMIT,
-    Int8Bank,
+    Int8Weight,
     channel_scales,
     has_int8_banks,
     quantize_kernel_banks,
@@ -69,7 +69,7 @@ def test_an_int8_bank_layer_computes_its_dequantized_bank_float64(form, cfg):
     layer = deploy_layer(form, cfg, seed=3)
     quantized = copy.deepcopy(layer)
     quantized.store_bank_int8()
-    assert quantized.weight is None and isinstance(quantized.weight_int8, Int8Bank)
+    assert quantized.weight is None and isinstance(quantized.weight_int8, Int8Weight)
     twin = copy.deepcopy(layer)
     with torch.no_grad():
         twin.weight.copy_(layer.layout_weight(quantized.weight_int8()))
@@ -90,7 +90,7 @@ def test_the_scheme_per_output_channel():
     bank = torch.randn(4, 6, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     bank[:, 2] = 0.0  # an all-zero channel
     bank[:, 4] *= 1e-3  # a small one keeps its own resolution
-    q = Int8Bank(bank)
+    q = Int8Weight(bank, 1)
     assert q.q.dtype == torch.int8 and q.q.shape == bank.shape
     assert int(q.q.abs().max()) <= INT8_LIMIT
     peaks = q.q.abs().amax(dim=(0, 2, 3, 4))
@@ -229,3 +229,103 @@ def test_coreml_refuses_an_int8_bank_below_ios17(tmp_path):
         export_coreml(quantized, tmp_path / "m.mlpackage", minimum_deployment_target="iOS16",
                       io_spec=model.io_spec)
     assert not (tmp_path / "m.mlpackage").exists()
+
+
+def test_a_twin_stores_its_stand_in_convs_int8_and_keeps_its_figures():
+    from odconv_deploy.complexity import measure_complexity
+    from odconv_deploy.quantize import Int8Conv2d, quantize_conv_weights, stored_weight_bytes
+    from odconv_deploy.reparameterize import find_odconv_layers
+
+    names = [n for n, _ in find_odconv_layers(create_model("od_tinynet", kernel_num=4))]
+    twin = synthesize_weights(create_model("tinynet")).double().eval()
+    quantized = quantize_conv_weights(twin, names)
+    convs = [m for m in quantized.modules() if isinstance(m, Int8Conv2d)]
+    assert len(convs) == len(names) == 4
+    float_twin = copy.deepcopy(twin)
+    modules = dict(float_twin.named_modules())
+    with torch.no_grad():
+        for name, conv in zip(names, convs, strict=True):
+            modules[name].weight.copy_(conv.weight_int8())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x), float_twin(x), rtol=0, atol=1e-12)
+    assert measure_complexity(quantized.float()).macs == measure_complexity(twin.float()).macs
+    assert stored_weight_bytes(quantized) < stored_weight_bytes(twin)
+    with pytest.raises(ODConvDeployError, match="'fc' is not a Conv2d.*found Linear"):
+        quantize_conv_weights(twin, ["fc"])
+
+
+def test_the_cli_refuses_a_precision_before_any_work(tmp_path, capsys):
+    from odconv_deploy.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "--model", "od_tinynet", "--precision", "fp16", "--formats",
+                 "onnx,pte", "--out", str(out)]) == 3
+    assert "take it are coreml" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["run", "--model", "tinynet", "--precision", "int8w", "--formats", "onnx",
+                 "--bench-formats", "onnx-sim", "--out", str(out)]) == 1
+    assert not (out / "artifacts").exists()
+
+
+def test_validate_refuses_an_artifact_checked_at_another_weight_storage(int8w_artifacts,
+                                                                         capsys):
+    from odconv_deploy.cli import main
+
+    _, _, results = int8w_artifacts
+    onnx_path = str(results[ExportFormat.ONNX].path)
+    assert main(["validate", "--model", "od_tinynet", "--onnx", onnx_path]) == 3
+    assert "stores int8w weights (its metadata)" in capsys.readouterr().err
+    # The CLI loads od_tinynet with the fixture's synthetic weights (seed 0): it passes.
+    assert main(["validate", "--model", "od_tinynet", "--onnx", onnx_path, "--precision",
+                 "int8w"]) == 0
+    assert "torch int8w (kernel banks int8)" in capsys.readouterr().out
+
+
+#: Formats checked per trained model. ExecuTorch lowering of od_mobilenetv2_digits' 51 ODConv
+#: layers takes 2.5 min on this machine, so CI checks its .pte accuracy through
+#: runtime_bench/precision_accuracy.py's committed results, and od_tinynet_digits' here.
+ACCURACY_FORMATS = {
+    "od_tinynet_digits": [ExportFormat.ORT, ExportFormat.EXECUTORCH, ExportFormat.COREML],
+    "od_mobilenetv2_digits": [ExportFormat.ORT, ExportFormat.COREML],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ACCURACY_FORMATS))
+def test_int8w_and_fp16_keep_the_top1_of_both_trained_models(tmp_path, name):
+    """On the digits test set every artifact stays within 0.5 points of fp32 PyTorch."""
+    from export.validation import accuracy_table, candidates_for
+    from odconv_deploy.digits import load_digits_model, load_digits_test
+    from odconv_deploy.runners import TorchRunner
+
+    model = load_digits_model(name)
+    test = load_digits_test(name)
+    results = export_formats(model, tmp_path / "int8w", ACCURACY_FORMATS[name],
+                             conversions=Conversions(model, "im2col", precision="int8w"),
+                             measure_sizes=False)
+    results += export_formats(model, tmp_path / "fp16", [ExportFormat.COREML],
+                              precision="fp16", measure_sizes=False)
+    assert all(r.ok for r in results), [r.error for r in results]
+    rows = accuracy_table(TorchRunner(model, name="torch fp32"), candidates_for(results),
+                          test.images, test.labels, batch=32)
+    fp32 = rows[0].accuracy
+    assert fp32 > 0.95
+    measured = [r for r in rows[1:] if not r.skipped]
+    # ONNX Runtime (onnx, onnx-sim, .ort), ExecuTorch where made, the MIL executor per package
+    assert len(measured) >= len(ACCURACY_FORMATS[name]) + 1
+    for row in measured:
+        assert abs(row.accuracy - fp32) <= 0.005, (row.runner, row.accuracy, fp32)
+
+
+def test_auto_keeps_int8w_layers_off_ort_nchwc():
+    from odconv_deploy.layers.ort_nchwc import ort_nchwc_block
+
+    model = synthesize_weights(create_model("od_resnet18", kernel_num=4)).eval()
+    float_plan = Conversions(model, "auto").plan("onnxruntime", dynamic_batch=False)
+    int8_plan = Conversions(model, "auto", precision="int8w").plan("onnxruntime",
+                                                                    dynamic_batch=False)
+    assert "ort_nchwc" not in int8_plan
+    assert int8_plan == Conversions(model, "auto").plan("onnx", dynamic_batch=False)
+    if ort_nchwc_block() is not None:  # where NCHWc kernels exist the float plan uses them
+        assert "ort_nchwc" in float_plan

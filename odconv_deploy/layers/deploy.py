@@ -128,11 +128,13 @@ class ODConv2dDeploy(nn.Module):
         return weight
 
     def canonical_weight(self) -> torch.Tensor:
-        """The bank in the canonical ``[K, C_out, C_in/g, k, k]`` layout (inverse of the layout).
+        """The bank in the canonical ``[K, C_out, C_in/g, k, k]`` layout (dequantized if int8).
 
         Every layout is a rearrangement of the canonical tensor's elements, so laying out their
         indices gives each stored element's canonical position.
         """
+        if self.weight_int8 is not None:
+            return self.weight_int8()
         shape = (self.kernel_num, self.out_channels, self.in_channels // self.groups,
                  self.kernel_size, self.kernel_size)
         index = self.layout_weight(torch.arange(self.weight.numel()).reshape(shape))
@@ -147,15 +149,15 @@ class ODConv2dDeploy(nn.Module):
         return self.layout_weight(self.weight_int8())
 
     def store_bank_int8(self) -> None:
-        """Store the bank int8 per output channel (:class:`~odconv_deploy.quantize.Int8Bank`).
+        """Store the bank int8 per output channel (:class:`~odconv_deploy.quantize.Int8Weight`).
 
         The layer then computes with the dequantized bank; ``weight`` becomes None.
         """
-        from odconv_deploy.quantize import Int8Bank
+        from odconv_deploy.quantize import BANK_CHANNEL_AXIS, Int8Weight
 
         if self.weight_int8 is not None:
             return
-        bank = Int8Bank(self.canonical_weight())
+        bank = Int8Weight(self.canonical_weight(), BANK_CHANNEL_AXIS)
         del self.weight
         self.register_parameter("weight", None)
         self.weight_int8 = bank

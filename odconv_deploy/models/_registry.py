@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from odconv_deploy.errors import UnknownModelError
+from odconv_deploy.io_spec import IMAGENET_MEAN, IMAGENET_STD
 from odconv_deploy.models.mobilenetv2 import build_mobilenetv2
 from odconv_deploy.models.resnet import build_resnet
 from odconv_deploy.models.tinynet import build_tinynet
@@ -48,12 +49,20 @@ def _resnet(depth: int, od: bool) -> Callable[..., nn.Module]:
 def _mobilenetv2(width: float, od: bool) -> Callable[..., nn.Module]:
     if od:
         def build(*, kernel_num: int = 1, reduction: float = 0.0625, num_classes: int = 1000,
-                  dropout: float = 0.2) -> nn.Module:
+                  dropout: float = 0.2, in_channels: int = 3, input_size: int = 224,
+                  mean: tuple[float, ...] | None = IMAGENET_MEAN,
+                  std: tuple[float, ...] | None = IMAGENET_STD) -> nn.Module:
             return build_mobilenetv2(width, od=True, num_classes=num_classes, dropout=dropout,
-                                     reduction=reduction, kernel_num=kernel_num)
+                                     reduction=reduction, kernel_num=kernel_num,
+                                     in_channels=in_channels, input_size=input_size, mean=mean,
+                                     std=std)
     else:
-        def build(*, num_classes: int = 1000, dropout: float = 0.2) -> nn.Module:
-            return build_mobilenetv2(width, od=False, num_classes=num_classes, dropout=dropout)
+        def build(*, num_classes: int = 1000, dropout: float = 0.2, in_channels: int = 3,
+                  input_size: int = 224, mean: tuple[float, ...] | None = IMAGENET_MEAN,
+                  std: tuple[float, ...] | None = IMAGENET_STD) -> nn.Module:
+            return build_mobilenetv2(width, od=False, num_classes=num_classes, dropout=dropout,
+                                     in_channels=in_channels, input_size=input_size, mean=mean,
+                                     std=std)
     return build
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from odconv_deploy.io_spec import IOSpec, image_classifier_spec
+from odconv_deploy.io_spec import IMAGENET_MEAN, IMAGENET_STD, IOSpec, image_classifier_spec
 from odconv_deploy.layers.odconv import DEFAULT_REDUCTION
 from odconv_deploy.models.resnet import ConvFactory, odconv_factory, static_conv
 
@@ -66,12 +66,16 @@ class MobileNetV2(nn.Module):
     """MobileNetV2 whose block convs (and last 1x1) come from ``conv``."""
 
     def __init__(self, conv: ConvFactory, width_mult: float = 1.0, num_classes: int = 1000,
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, *, in_channels: int = 3, input_size: int = 224,
+                 mean: tuple[float, ...] | None = IMAGENET_MEAN,
+                 std: tuple[float, ...] | None = IMAGENET_STD) -> None:
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.in_channels, self.input_size = num_classes, in_channels, input_size
+        self.mean, self.std = mean, std  # preprocessing of [0, 1] pixels the model expects
         input_channel = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(1280 * max(1.0, width_mult))
-        features: list[nn.Module] = [ConvBNReLU(static_conv, 3, input_channel, stride=2)]
+        features: list[nn.Module] = [ConvBNReLU(static_conv, in_channels, input_channel,
+                                                stride=2)]
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             output_channel = make_divisible(c * width_mult)
             for i in range(n):
@@ -93,8 +97,9 @@ class MobileNetV2(nn.Module):
 
     @property
     def io_spec(self) -> IOSpec:
-        """``image [B, 3, 224, 224]`` -> ``logits [B, num_classes]``."""
-        return image_classifier_spec(self.num_classes)
+        """``image [B, C, size, size]`` (default 3, 224) -> ``logits [B, num_classes]``."""
+        return image_classifier_spec(self.num_classes, channels=self.in_channels,
+                                     size=self.input_size, mean=self.mean, std=self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.features(x)
@@ -104,7 +109,10 @@ class MobileNetV2(nn.Module):
 
 def build_mobilenetv2(width_mult: float, *, od: bool, num_classes: int = 1000,
                       dropout: float = 0.2, reduction: float = DEFAULT_REDUCTION,
-                      kernel_num: int = 1) -> MobileNetV2:
-    """MobileNetV2 at ``width_mult``; with ``od=True`` its block convs are ODConv."""
+                      kernel_num: int = 1, **io: object) -> MobileNetV2:
+    """MobileNetV2 at ``width_mult``; with ``od=True`` its block convs are ODConv.
+
+    ``io``: ``in_channels``, ``input_size``, ``mean``, ``std`` of :class:`MobileNetV2`.
+    """
     conv = odconv_factory(reduction, kernel_num) if od else static_conv
-    return MobileNetV2(conv, width_mult, num_classes=num_classes, dropout=dropout)
+    return MobileNetV2(conv, width_mult, num_classes=num_classes, dropout=dropout, **io)

@@ -1,0 +1,92 @@
+"""Test-set accuracy per precision and artifact on the trained digits models, measured.
+
+For each trained model (:data:`odconv_deploy.digits.DIGITS_MODELS`) exports the int8w
+artifacts (ORT, ExecuTorch, Core ML with fp16 compute) and the fp16 Core ML package, runs the
+test set through every runtime that executes them here (Core ML through the MIL executor) and
+writes ``precision_accuracy.json`` / ``.md``: top-1 of each against float32 PyTorch, and the
+agreement with it.
+
+    python -m runtime_bench.precision_accuracy --out runtime_bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from export.result import ExportFormat
+from export.run import export_formats
+from export.validation import accuracy_table, candidates_for
+from odconv_deploy._atomic import atomic_output
+from odconv_deploy.conversions import Conversions
+from odconv_deploy.digits import DIGITS_MODELS, load_digits_model, load_digits_test
+from odconv_deploy.runners import TorchRunner
+from odconv_deploy.tables import markdown_table
+from runtime_bench.probe import machine_info
+
+INT8W_FORMATS = (ExportFormat.ORT, ExportFormat.EXECUTORCH, ExportFormat.COREML)
+
+
+def measure(name: str) -> list[dict[str, object]]:
+    """Accuracy rows of model ``name``: float32 PyTorch first, then every artifact run."""
+    model = load_digits_model(name)
+    test = load_digits_test(name)
+    with tempfile.TemporaryDirectory(prefix="odconv_accuracy_") as out:
+        made = {"int8w": export_formats(
+                    model, Path(out) / "int8w", list(INT8W_FORMATS), measure_sizes=False,
+                    conversions=Conversions(model, "im2col", precision="int8w")),
+                "fp16": export_formats(model, Path(out) / "fp16", [ExportFormat.COREML],
+                                       precision="fp16", measure_sizes=False)}
+        failed = [f"{r.format.value}: {r.error}" for rs in made.values() for r in rs if not r.ok]
+        if failed:
+            raise RuntimeError(f"{name}: exports failed: {failed}")
+        labelled = [(precision, c) for precision, rs in made.items()
+                    for c in candidates_for(rs) if not c.bound_only]
+        rows = accuracy_table(TorchRunner(model, name="torch fp32 (train form)"),
+                              [c for _, c in labelled], test.images, test.labels, batch=32)
+    precisions = ["fp32"] + [precision for precision, _ in labelled]
+    return [{"model": name, "precision": p, **asdict(row), "images": len(test.labels)}
+            for p, row in zip(precisions, rows, strict=True)]
+
+
+def to_markdown(data: dict[str, object]) -> str:
+    """One table per model: each runner's accuracy and its difference from float32."""
+    lines = ["# Test-set accuracy per precision: the trained digits models", "",
+             "Measured by `python -m runtime_bench.precision_accuracy`. int8w: kernel banks int8 "
+             "(Core ML computes in fp16); fp16: the Core ML package in fp16.", ""]
+    for name in DIGITS_MODELS:
+        rows = [r for r in data["rows"] if r["model"] == name]
+        if not rows:
+            continue
+        fp32 = rows[0]["accuracy"]
+        lines += [f"## {name} ({rows[0]['images']} test images)", "", *markdown_table(
+            ["precision", "runner", "top-1", "points vs fp32", "agreement with fp32", "note"],
+            [(r["precision"], r["runner"], "-" if r["accuracy"] is None else
+              f"{r['accuracy']:.4f}",
+              "-" if r["accuracy"] is None else f"{100 * (r['accuracy'] - fp32):+.2f}",
+              "-" if r["agreement"] is None else f"{r['agreement']:.4f}",
+              f"skipped: {r['skipped']}" if r["skipped"] else "") for r in rows]), ""]
+    machine = ", ".join(f"{k}: {v}" for k, v in data["machine"].items())
+    return "\n".join(lines) + f"Machine: {machine}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure every trained model and write the results under ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runtime_bench/results")
+    args = parser.parse_args(argv)
+    data = {"machine": machine_info(),
+            "rows": [row for name in DIGITS_MODELS for row in measure(name)]}
+    out = Path(args.out)
+    with atomic_output(out / "precision_accuracy.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+    with atomic_output(out / "precision_accuracy.md", overwrite=True) as tmp:
+        tmp.write_text(to_markdown(data))
+    print(to_markdown(data))
+
+
+if __name__ == "__main__":
+    main()
