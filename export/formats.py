@@ -155,8 +155,8 @@ def check_precision(precision: str, formats: list[ExportFormat]) -> None:
     """Refuse a precision that one of ``formats`` cannot be made in, before any work.
 
     Raises:
-        ExportError: An unknown precision, or formats that do not take it (the message
-            lists the formats that do).
+        ODConvDeployError: An unknown precision (the message lists the known ones).
+        ExportError: Formats that do not take it (the message lists the formats that do).
     """
     check_precision_name(precision)
     refused = [fmt.value for fmt in formats if precision not in FORMATS[fmt].precisions]
