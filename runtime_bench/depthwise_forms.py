@@ -13,7 +13,6 @@ all of them; ONNX Runtime also times the fixed-batch forms ``dynamic_weight`` an
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -23,7 +22,6 @@ import torch
 from torch import nn
 
 from export import export_executorch, export_onnx
-from odconv_deploy._atomic import atomic_output
 from odconv_deploy.detect import inspect_odconv
 from odconv_deploy.io_spec import IOSpec, TensorSpec
 from odconv_deploy.layers import LAYER_FORMS, ODConv2d
@@ -32,6 +30,7 @@ from odconv_deploy.runners import ExecuTorchRunner, OnnxRuntimeRunner
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.validation.inputs import seeded_feed
 from runtime_bench.probe import machine_info
+from runtime_bench.report import write_result_files
 
 #: (channels, input size, stride) of od_mobilenetv2_100's 3x3 depthwise layers (distinct ones).
 SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2),
@@ -131,11 +130,8 @@ def main() -> None:
                 print(records[-1], flush=True)
     machine = machine_info()
     table = to_markdown(records, machine, args.iterations)
-    with atomic_output(args.out / "depthwise_forms.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"machine": machine, "iterations": args.iterations,
-                                   "records": records}, indent=2))
-    with atomic_output(args.out / "depthwise_forms.md", overwrite=True) as tmp:
-        tmp.write_text(table)
+    write_result_files(args.out, "depthwise_forms", {"machine": machine, "iterations":
+                                                     args.iterations, "records": records}, table)
     print(table, end="")
 
 

@@ -20,12 +20,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from odconv_deploy._atomic import atomic_output
 from odconv_deploy.model_source import load_model
 from odconv_deploy.tables import markdown_table
 from runtime_bench.bench import BenchConfig, benchmark
 from runtime_bench.measure import MeasureSettings
 from runtime_bench.probe import machine_info
+from runtime_bench.report import write_result_files
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,7 @@ def main() -> None:
                     if record_key(r) not in fresh]
     payload = {"machine": machine, "settings": asdict(settings), "threads": threads,
                "records": records}
-    with atomic_output(args.out / "perf_targets.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-    with atomic_output(args.out / "perf_targets.md", overwrite=True) as tmp:
-        tmp.write_text(to_markdown(records, machine))
+    write_result_files(args.out, "perf_targets", payload, to_markdown(records, machine))
     print(to_markdown(records, machine))
 
 

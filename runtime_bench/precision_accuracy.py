@@ -12,7 +12,6 @@ agreement with it.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 from export.result import ExportFormat
 from export.run import export_formats
 from export.validation import accuracy_table, candidates_for
-from odconv_deploy._atomic import atomic_output
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.digits import DIGITS_MODELS, load_digits_model, load_digits_test
 from odconv_deploy.runners import TorchRunner
 from odconv_deploy.tables import markdown_table
 from runtime_bench.probe import machine_info
+from runtime_bench.report import write_result_files
 
 INT8W_FORMATS = (ExportFormat.ORT, ExportFormat.EXECUTORCH, ExportFormat.COREML)
 
@@ -80,11 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = {"machine": machine_info(),
             "rows": [row for name in DIGITS_MODELS for row in measure(name)]}
-    out = Path(args.out)
-    with atomic_output(out / "precision_accuracy.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-    with atomic_output(out / "precision_accuracy.md", overwrite=True) as tmp:
-        tmp.write_text(to_markdown(data))
+    write_result_files(args.out, "precision_accuracy", data, to_markdown(data))
     print(to_markdown(data))
 
 

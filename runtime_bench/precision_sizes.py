@@ -11,17 +11,15 @@ model's initial weights serve.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from pathlib import Path
 
 from export.result import ExportFormat
 from export.run import export_formats
-from odconv_deploy._atomic import atomic_output
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.models import create_model
 from odconv_deploy.tables import markdown_table
 from runtime_bench.probe import machine_info
+from runtime_bench.report import write_result_files
 
 #: (precision, Core ML compute precision) pairs measured; the first is the baseline.
 VARIANTS = (("fp32", "fp32"), ("fp16", "fp16"), ("int8w", "fp16"), ("int8w", "fp32"))
@@ -84,11 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = {"model": f"{args.model} (kernel_num={args.kernel_num})",
             "machine": machine_info(), "rows": measure(args.model, args.kernel_num)}
-    out = Path(args.out)
-    with atomic_output(out / "precision_sizes.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-    with atomic_output(out / "precision_sizes.md", overwrite=True) as tmp:
-        tmp.write_text(to_markdown(data))
+    write_result_files(args.out, "precision_sizes", data, to_markdown(data))
     print(to_markdown(data))
 
 

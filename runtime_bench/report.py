@@ -140,6 +140,19 @@ def check_report_writable(out: str | Path, *, overwrite: bool = False) -> None:
         check_writable(Path(out) / name, overwrite=overwrite)
 
 
+def write_result_files(out: str | Path, stem: str, data: dict[str, object], markdown: str
+                       ) -> None:
+    """Write a measurement script's results, ``stem.json`` and ``stem.md``, into ``out``.
+
+    Each file is written whole (replacing the committed one): the Markdown is the table the
+    docs quote, the JSON what it is rebuilt from (``tests/test_bench.py`` checks they agree).
+    """
+    for name, text in ((f"{stem}.json", json.dumps(data, indent=2, default=str)),
+                       (f"{stem}.md", markdown)):
+        with atomic_output(Path(out) / name, overwrite=True) as tmp:
+            tmp.write_text(text)
+
+
 def write_report(report: BenchReport, out: str | Path, *, overwrite: bool = False
                  ) -> list[Path]:
     """Write ``bench.json``, ``bench.csv``, ``bench.md`` and plots into ``out``."""
