@@ -133,7 +133,7 @@ def load_digits_test(name: str = "od_tinynet_digits") -> DigitsSplit:
 def train_digits_model(name: str = "od_tinynet_digits", *, epochs: int | None = None,
                        seed: int = 0, anneal_epochs: int = 10, log: bool = False
                        ) -> tuple[nn.Module, float]:
-    """Train digits model ``name``; returns the model (eval mode, T=1) and test accuracy."""
+    """Train digits model ``name``: the model (eval mode, final temperature), test accuracy."""
     entry = digits_model(name)
     epochs = entry.epochs if epochs is None else epochs
     torch.manual_seed(seed)

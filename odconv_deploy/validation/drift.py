@@ -5,7 +5,7 @@ Validation checks that an artifact computes what its PyTorch reference computes;
 quantization itself costs is measured here, apart: per output the SQNR, relative error and
 top-1 agreement against float32, and per ODConv layer how often the kernel attention picks the
 same kernel (argmax) as in float32. On seeded inputs these are figures about the numerics, not
-accuracy; accuracy needs labelled data (the digits model's test set, or a calibration folder).
+accuracy; accuracy needs labelled data (the trained digits models' test set).
 """
 
 from __future__ import annotations
