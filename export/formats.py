@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.result import ExportError, ExportFormat, ExportResult
+from export.quantize_onnx import INT8_STORAGE
+from export.result import ExportError, ExportFormat, ExportResult, recorded_weights
 from odconv_deploy.quantize import check_precision_name
 from odconv_deploy.runners import (
     CoreMLRunner,
@@ -27,6 +28,8 @@ from odconv_deploy.validation.validate import Candidate
 
 #: The runners that validate an artifact, each with its precision (and error model).
 ValidationRunners = list[Candidate]
+#: The precisions of the ONNX family (int8: W8A8 static convs, ONNX Runtime's quantizer).
+ONNX_PRECISIONS = ("fp32", "int8w", "int8")
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,36 @@ class FormatInfo:
 
 
 def _ort_levels(tag: str) -> Callable[[ExportResult], ValidationRunners]:
+    """ONNX Runtime with optimisations off and full.
+
+    An int8 graph computes its QDQ nodes as written with optimisations off (float ops on
+    dequantized values: the graph's own semantics); full fuses them into int8 kernels, held to
+    the int8 rule.
+    """
     def runners(result: ExportResult) -> ValidationRunners:
+        int8 = artifact_weights(result) == INT8_STORAGE
         return [Candidate(OnnxRuntimeRunner(str(result.path), optimization=level,
-                                            name=f"onnxruntime {tag} (opt {level})"))
+                                            name=f"onnxruntime {tag} (opt {level})"),
+                          "int8" if int8 and level == "full" else "fp32")
                 for level in ("off", "full")]
     return runners
+
+
+def _ort_file_runners(result: ExportResult) -> ValidationRunners:
+    """The ``.ort`` file in ONNX Runtime (its optimisations were applied when it was made)."""
+    int8 = artifact_weights(result) == INT8_STORAGE
+    return [Candidate(OnnxRuntimeRunner(str(result.path), name="onnxruntime (.ort format)"),
+                      "int8" if int8 else "fp32")]
+
+
+def artifact_weights(result: ExportResult) -> str | None:
+    """The weight storage an ONNX-family artifact records (``float``, ``int8w``, ``int8``)."""
+    if result.format is ExportFormat.ORT:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+        return session.get_modelmeta().custom_metadata_map.get("weights")
+    return recorded_weights(result.format, result.path)
 
 
 def _coreml_runners(result: ExportResult) -> ValidationRunners:
@@ -117,14 +145,13 @@ def _ort_bench(name: str) -> Callable[[ExportResult, int], Runner]:
 
 FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
     FormatInfo(ExportFormat.ONNX, ".onnx", "ONNX (opset 18, onnx.checker full check)", (),
-               "onnx", _ort_levels("onnx")),
+               "onnx", _ort_levels("onnx"), precisions=ONNX_PRECISIONS),
     FormatInfo(ExportFormat.ONNX_SIMPLIFIED, ".sim.onnx", "ONNX simplified with onnxsim",
-               (ExportFormat.ONNX,), "onnx", _ort_levels("onnx-sim"), _ort_bench("onnx-sim")),
+               (ExportFormat.ONNX,), "onnx", _ort_levels("onnx-sim"), _ort_bench("onnx-sim"),
+               ONNX_PRECISIONS),
     FormatInfo(ExportFormat.ORT, ".ort", "ORT format for ONNX Runtime Mobile",
-               (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx",
-               lambda r: [Candidate(OnnxRuntimeRunner(str(r.path),
-                                                      name="onnxruntime (.ort format)"))],
-               _ort_bench("ort")),
+               (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx", _ort_file_runners,
+               _ort_bench("ort"), ONNX_PRECISIONS),
     FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
                _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml"),
                ("fp32", "fp16", "int8w")),

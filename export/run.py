@@ -16,6 +16,7 @@ from export.to_coreml import export_coreml
 from export.to_executorch import export_executorch
 from export.to_onnx import DEFAULT_OPSET, export_onnx
 from export.to_ort import export_ort
+from odconv_deploy.calibration import CalibrationSet
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import IOSpec
@@ -56,7 +57,8 @@ def _make(fmt: ExportFormat, job: _Job) -> ExportResult:
     if fmt is ExportFormat.ONNX:
         return export_onnx(job.model, job.path, opset=o["opset"],
                            dynamic_batch=o["dynamic_batch"], batch_size=o["batch_size"],
-                           target=o["onnx_target"], **common)
+                           target=o["onnx_target"], calibration=o["calibration"],
+                           reduce_range=o["reduce_range"], **common)
     if fmt is ExportFormat.ONNX_SIMPLIFIED:
         return simplify_onnx(job.source, job.path, overwrite=o["overwrite"])
     if fmt is ExportFormat.ORT:
@@ -87,6 +89,8 @@ def export_formats(
     onnx_target: str = "onnx",
     overwrite: bool = False,
     measure_sizes: bool = True,
+    calibration: CalibrationSet | None = None,
+    reduce_range: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[ExportResult]:
     """Export ``model`` to every format in ``formats`` under ``out_dir``.
@@ -111,7 +115,9 @@ def export_formats(
     ``precision`` (default: the conversions', else ``fp32``) is checked against every format
     first (:func:`export.formats.check_precision`): ``int8w`` stores the kernel banks int8 (the
     conversions do it), ``fp16`` makes Core ML compute in fp16 (``coreml_precision`` is Core
-    ML's compute precision otherwise).
+    ML's compute precision otherwise), ``int8`` is int8w plus the ONNX graphs' static convs and
+    linears quantized with activation ranges from ``calibration`` (required; ``reduce_range``:
+    7-bit weights for x86 CPUs without VNNI; :mod:`export.quantize_onnx`).
     """
     out = fspath(out_dir)
     onnx_target = canonical_target(onnx_target)
@@ -121,6 +127,12 @@ def export_formats(
                           f"{conversions.precision!r}. Note: make the Conversions with it.")
     precision = precision or (conversions.precision if conversions else "fp32")
     check_precision(precision, list(formats))
+    if precision == "int8" and calibration is None:
+        raise ExportError("int8 needs calibration data: the activation ranges come from real "
+                          "inputs. Note: pass --calibration DIR (images or .npy arrays), or "
+                          "calibration=... from Python (odconv_deploy.calibration).")
+    if precision != "int8":
+        calibration = None
     if precision == "fp16":
         coreml_precision = "fp16"
     if conversions is None:
@@ -130,7 +142,8 @@ def export_formats(
     label = conversions.strategy if conversions.layer_count else strategy
     options = dict(io_spec=io_spec, input_shape=input_shape, name=name, overwrite=overwrite,
                    strategy=label, opset=opset, coreml_precision=coreml_precision,
-                   dynamic_batch=dynamic_batch, batch_size=batch_size, onnx_target=onnx_target)
+                   dynamic_batch=dynamic_batch, batch_size=batch_size, onnx_target=onnx_target,
+                   calibration=calibration, reduce_range=reduce_range)
     made: dict[ExportFormat, ExportResult] = {}
     traced: dict[ExportFormat, nn.Module] = {}  # the deploy model each format was made from
     for fmt in with_sources(list(dict.fromkeys(formats))):

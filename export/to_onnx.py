@@ -19,6 +19,12 @@ from export.prepare import (
     prepare_model,
     require_dynamic_batch_support,
 )
+from export.quantize_onnx import (
+    INT8_STORAGE,
+    QuantizationPlan,
+    plan_quantization,
+    quantize_static_nodes,
+)
 from export.result import (
     ExportError,
     ExportFormat,
@@ -29,8 +35,10 @@ from export.result import (
     tool_versions,
 )
 from odconv_deploy._atomic import atomic_output
+from odconv_deploy.calibration import CalibrationSet
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.layers.deploy import ODConv2dDeploy
 from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY
 from odconv_deploy.quantize import weight_storage
 from odconv_deploy.strategy_choice import canonical_target
@@ -102,6 +110,18 @@ def _use_nchwc_kernels(proto: object, block: int) -> int:
     return rewritten
 
 
+def _quantize(tmp: Path, prepared: PreparedModel, calibration: CalibrationSet,
+              reduce_range: bool) -> QuantizationPlan:
+    """Quantize the exported graph at ``tmp`` in place (int8: static nodes QDQ, calibrated)."""
+    onnx = require_backend("onnx", extra="onnx", purpose="int8 quantization")
+    layers = [n for n, m in prepared.model.named_modules() if isinstance(m, ODConv2dDeploy)]
+    plan = plan_quantization(onnx.load(str(tmp)), prepared.model, layers)
+    quantized = tmp.with_name(f"int8_{tmp.name}")
+    quantize_static_nodes(tmp, quantized, plan, calibration, reduce_range=reduce_range)
+    os.replace(quantized, tmp)
+    return plan
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -117,6 +137,8 @@ def export_onnx(
     input_shape: tuple[int, ...] | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    calibration: CalibrationSet | None = None,
+    reduce_range: bool = False,
 ) -> ExportResult:
     """Export a model (train form converted automatically) to ONNX.
 
@@ -138,6 +160,10 @@ def export_onnx(
         input_shape: Input shape for models without an ``io_spec``.
         name: Model name stamped into the metadata.
         overwrite: Replace an existing file.
+        calibration: Make an ``int8`` graph: the static convs and linears quantized (QDQ)
+            with activation ranges from these samples (:mod:`export.quantize_onnx`; the model
+            should store its kernel banks int8, the ``int8`` conversions do).
+        reduce_range: With ``calibration``: 7-bit weights, for x86 CPUs without VNNI.
 
     Returns:
         The :class:`ExportResult`; the file is written whole or not at all.
@@ -155,6 +181,10 @@ def export_onnx(
                           f"{ONNX_TARGETS}.")
     if exporter == "dynamo":
         require_backend("onnxscript", extra="onnx", purpose="The dynamo ONNX exporter")
+    if calibration is not None and exporter != "torchscript":
+        raise ExportError("int8 ONNX is made from the torchscript exporter's graph (its node "
+                          "names say which module each node is). Note: pass "
+                          "exporter='torchscript'.")
     check_batch_size(batch_size, dynamic_batch)
     prepared = prepare_model(model, strategy=strategy, target=target, dynamic_batch=dynamic_batch,
                              io_spec=io_spec, input_shape=input_shape, name=name)
@@ -168,6 +198,9 @@ def export_onnx(
     axes = _dynamic_axes(prepared.io_spec, dynamic_batch, dynamic_spatial)
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.model.parameters())
     external = weight_bytes > PROTOBUF_LIMIT
+    if external and calibration is not None:
+        raise ExportError(f"int8 ONNX of a model over 2 GiB ({weight_bytes / 2**30:.1f} GiB of "
+                          "weights) is not supported. Note: use --precision int8w.")
     path = fspath(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
         try:
@@ -178,12 +211,18 @@ def export_onnx(
                 f"{root_cause(exc)}. Note: opset {DEFAULT_OPSET} is the tested default; the "
                 "dynamo exporter needs opset >= 18."
             ) from exc
+        plan = None
+        if calibration is not None:
+            plan = _quantize(tmp, prepared, calibration, reduce_range)
         proto = onnx.load(str(tmp), load_external_data=False)
         nchwc_convs = _use_nchwc_kernels(proto, block) if block is not None else 0
+        storage = INT8_STORAGE if plan is not None else weight_storage(prepared.model)
         meta = {"producer": "odconv-deploy", "model": prepared.name,
                 "strategy": prepared.strategy or "none", "exporter": exporter,
                 "layer_strategies": format_layer_forms(prepared.layer_forms),
-                "weights": weight_storage(prepared.model),
+                "weights": storage,
+                **({"int8_nodes": plan.describe(), "calibration": calibration.describe(),
+                    "reduce_range": reduce_range} if plan is not None else {}),
                 **({BLOCK_METADATA_KEY: block} if block is not None else {}),
                 **{f"version.{k}": v for k, v in tool_versions("onnx").items()}}
         del proto.metadata_props[:]
@@ -210,9 +249,12 @@ def export_onnx(
                  "target": target, "nchwc_block": block,
                  "layer_forms": prepared.layer_forms,
                  "exporter": exporter, "external_data": external, "model": prepared.name,
-                 "weights": weight_storage(prepared.model)},
+                 "weights": storage, "reduce_range": reduce_range if plan else None,
+                 "calibration": calibration.describe() if plan else None},
         tool_versions=tool_versions("onnx"),
         op_counts=dict(Counter(n.op_type for n in graph.node)),
         details={"nodes": len(graph.node), "converted_layers": prepared.converted_layers,
-                 "nchwc_convs": nchwc_convs},
+                 "nchwc_convs": nchwc_convs,
+                 **({"int8_nodes": len(plan.static)} if plan is not None else {})},
+        notes=[plan.describe()] if plan is not None else [],
     )

@@ -19,7 +19,12 @@ from export.run import export_formats
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import describe_io, parse_input_shapes
-from odconv_deploy.runners import BackendUnavailableError, Runner, TorchRunner
+from odconv_deploy.runners import (
+    BackendUnavailableError,
+    OnnxRuntimeRunner,
+    Runner,
+    TorchRunner,
+)
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES
 from odconv_deploy.validation.golden import Golden, GoldenRunner, check_golden_artifact
 from odconv_deploy.validation.probes import ProbedModel
@@ -37,6 +42,31 @@ from odconv_deploy.validation.validate import (
 ROUTING_FORMATS = (ExportFormat.ONNX, ExportFormat.COREML, ExportFormat.EXECUTORCH)
 #: The reference of an int8w run: the deploy model with its kernel banks int8.
 QUANTIZED_REFERENCE = "torch int8w (kernel banks int8)"
+#: The reference of an int8 run: the QDQ graph computed as written (float ops on dequantized
+#: values), which ONNX Runtime does with its graph optimisations off.
+INT8_REFERENCE = "int8 QDQ graph as written (onnxruntime, opt off)"
+
+
+def int8_reference(results: Sequence[object]) -> tuple[Runner, list[Candidate]]:
+    """The reference of an int8 run's artifacts, and the runners checked against it.
+
+    The reference is the ``.onnx`` (else ``.sim.onnx``) run with optimisations off; the
+    candidates are every artifact's runners but that one: the graphs run as written at the
+    float32 rule, the int8 kernels (optimisations on, the ``.ort`` file) at the int8 rule.
+
+    Raises:
+        ValueError: No ONNX artifact was exported.
+    """
+    source = next((r for fmt in (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED)
+                   for r in results if r.ok and r.format is fmt), None)
+    if source is None:
+        raise ValueError("an int8 run's reference is its ONNX graph, and no ONNX artifact "
+                         "was exported")
+    reference = OnnxRuntimeRunner(str(source.path), optimization="off", name=INT8_REFERENCE)
+    candidates = [c for c in candidates_for(results)
+                  if not (isinstance(c.runner, OnnxRuntimeRunner)
+                          and c.runner.path == reference.path and c.runner.optimization == "off")]
+    return reference, candidates
 
 
 def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None = None,
@@ -64,7 +94,7 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                        input_shape: tuple[int, ...] | None = None,
                        deploy_model: nn.Module | None = None, batches: Sequence[int] = (1, 3),
                        seed: int = 0, image_folder: str | None = None,
-                       quantized: bool = False,
+                       quantized: bool = False, int8: bool = False,
                        progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
     """Check every artifact (and the deploy form) against the PyTorch model ``model``.
 
@@ -73,6 +103,7 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
     ``quantized`` (an ``int8w`` run) the reference is ``deploy_model`` itself, the quantized
     model the artifacts were made from: they must compute what it computes, at the float32
     rule (the quantization's own cost is :mod:`odconv_deploy.validation.drift`'s to report).
+    With ``int8`` the reference is the int8 graph computed as written (:func:`int8_reference`).
     """
     if io_spec is None:
         declared = getattr(model, "io_spec", None)
@@ -80,6 +111,10 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
             ",".join(map(str, (1, *input_shape[1:]))))
         model, io_spec = describe_io(model, type(model).__name__,
                                      declared if isinstance(declared, IOSpec) else None, inputs)
+    if int8:
+        reference, candidates = int8_reference(results)
+        return validate(reference, candidates, io_spec, batches=batches, seed=seed,
+                        image_folder=image_folder, progress=progress)
     if quantized:
         if deploy_model is None:
             raise ValueError("quantized=True needs the quantized deploy_model as the reference")
@@ -127,6 +162,8 @@ def routing_agreement(conversions: Conversions, io_spec: IOSpec, out_dir: str | 
     target), wrapped in a :class:`ProbedModel` and exported with the same settings under
     ``out_dir`` (``*_probes.*`` files); its runners then run it beside the probed model in
     PyTorch on the same seeded input. A debug export that fails is a failed run with the reason.
+    An int8 run's layers are checked in its int8w graphs (the deploy model holds the int8
+    banks; no QDQ): quantized activations would move every layer's inputs off PyTorch's.
     """
     report = RoutingReport()
     if not conversions.layer_count:

@@ -153,6 +153,56 @@ def _conversions(args: argparse.Namespace, loaded: object, console: Console) -> 
                        precision=getattr(args, "precision", "fp32"))
 
 
+def _check_calibration_args(args: argparse.Namespace) -> None:
+    """Check int8's options before any work.
+
+    The flags need int8, the folder its files, and a zoo model without built-in calibration
+    data needs --calibration.
+    """
+    from odconv_deploy.calibration import calibration_files, require_builtin_calibration
+    from odconv_deploy.model_source import zoo_names
+
+    if args.precision != "int8":
+        for flag, value in (("--calibration", args.calibration),
+                            ("--int8-reduce-range", args.int8_reduce_range)):
+            if value:
+                raise ODConvDeployError(f"{flag} is for --precision int8 (got --precision "
+                                        f"{args.precision}). Note: drop it, or pass "
+                                        "--precision int8.")
+    elif args.calibration:
+        calibration_files(args.calibration)
+    elif args.model in zoo_names():
+        require_builtin_calibration(args.model)
+
+
+def _calibration(args: argparse.Namespace, loaded: object, console: Console) -> object:
+    """int8's calibration set (None for other precisions), read before any export."""
+    from odconv_deploy.calibration import resolve_calibration
+
+    calibration = resolve_calibration(args.precision, args.calibration, loaded.io_spec,
+                                      zoo_name=loaded.zoo_name)
+    if calibration is not None:
+        console.progress(f"-> int8 calibration: {calibration.describe()}")
+    return calibration
+
+
+def _formats_for_precision(text: str, default: str, precision: str, console: Console) -> str:
+    """The default format list cut to those ``precision`` is made for.
+
+    A list the user gave is kept: a format in it that cannot take the precision is refused.
+    """
+    from export.formats import format_info
+
+    if text != default:
+        return text
+    names = [n for n in default.split(",")
+             if n == "torch" or precision in format_info(n).precisions]
+    if len(names) < len(default.split(",")):
+        console.info(f"--precision {precision}: formats {','.join(names)} (the defaults that "
+                     "take it)")
+    return ",".join(names)
+
+
 @contextlib.contextmanager
 def _quiet(console: Console, folder: str | Path | None) -> Iterator[Path | None]:
     """Third-party output into ``folder/odconv-deploy.log`` (a temporary log without one)."""
@@ -233,17 +283,21 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from export.prepare import check_batch_size
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
-    formats = parse_formats(args.formats)
+    _check_calibration_args(args)
+    formats = parse_formats(_formats_for_precision(args.formats, DEFAULT_FORMATS,
+                                                   args.precision, console))
     check_precision(args.precision, formats)
     with _quiet(console, args.out) as log:
         loaded = _load(args, console)
+        calibration = _calibration(args, loaded, console)
         _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
         results = export_formats(
             loaded.model, args.out, formats, stem=loaded.name,
             conversions=_conversions(args, loaded, console), io_spec=loaded.io_spec,
             opset=args.opset, coreml_precision=args.coreml_precision, precision=args.precision,
             dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
-            onnx_target=args.onnx_target, overwrite=args.overwrite,
+            onnx_target=args.onnx_target, overwrite=args.overwrite, calibration=calibration,
+            reduce_range=args.int8_reduce_range,
             progress=lambda step: console.progress(f"-> {step} ..."))
     _print_exports(console, results)
     failed = [r.format.value for r in results if not r.ok]
@@ -260,7 +314,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from odconv_deploy._atomic import atomic_output, check_writable
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
-    formats = parse_formats(args.formats)
+    _check_calibration_args(args)
+    formats = parse_formats(_formats_for_precision(args.formats, DEFAULT_FORMATS,
+                                                   args.precision, console))
     given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
                                       (ExportFormat.EXECUTORCH, args.pte),
                                       (ExportFormat.COREML, args.coreml)) if p]
@@ -290,6 +346,8 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             results = export_formats(loaded.model, args.out or tmp, formats, stem=loaded.name,
                                      conversions=conversions, io_spec=loaded.io_spec,
                                      precision=args.precision,
+                                     calibration=_calibration(args, loaded, console),
+                                     reduce_range=args.int8_reduce_range,
                                      dynamic_batch=args.dynamic_batch,
                                      batch_size=args.fixed_batch, onnx_target=args.onnx_target,
                                      overwrite=args.overwrite,
@@ -300,6 +358,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
                                     deploy_model=deploy.model, batches=batches, seed=args.seed,
                                     image_folder=args.images,
                                     quantized=deploy.float_model is not None,
+                                    int8=args.precision == "int8",
                                     progress=lambda s: console.progress(f"-> {s} ..."))
         routing = None
         if not given and not args.no_routing:
@@ -311,6 +370,10 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
                 progress=lambda s: console.progress(f"-> {s} ..."))
         golden_report = _golden_step(args, loaded.io_spec, results, batches, golden, console)
     console.info(report.to_markdown())
+    if args.precision == "int8":
+        from export.quantize_onnx import int8_cpu_note
+
+        console.info(int8_cpu_note(args.int8_reduce_range))
     if golden_report is not None:
         console.info(f"Against the golden outputs in {args.golden}:\n"
                      + golden_report.to_markdown())
@@ -333,11 +396,11 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def _check_recorded_weights(results: list[ExportResult], precision: str) -> None:
     """Refuse artifacts whose recorded weight storage is not the one ``precision`` checks."""
-    expected = "int8w" if precision == "int8w" else "float"
+    expected = precision if precision in ("int8w", "int8") else "float"
     for r in results:
         recorded = r.options.get("weights")
         if recorded is not None and recorded != expected:
-            hint = ("--precision int8w" if recorded == "int8w"
+            hint = (f"--precision {recorded}" if recorded in ("int8w", "int8")
                     else "the --precision it was exported with")
             raise ODConvDeployError(
                 f"{r.path} stores {recorded} weights (its metadata); --precision {precision} "
@@ -408,6 +471,9 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from runtime_bench.measure import MeasureSettings
     from runtime_bench.report import check_report_writable, to_markdown, write_report
 
+    _check_calibration_args(args)
+    args.formats = _formats_for_precision(args.formats, DEFAULT_BENCH_FORMATS, args.precision,
+                                          console)
     check_precision(args.precision, _bench_artifacts(parse_bench_formats(args.formats)))
     check_report_writable(args.out, overwrite=args.overwrite)
     artifacts = Path(args.out) / "artifacts"
@@ -428,6 +494,8 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             strategy=conversions.strategy, dynamic_batch=args.dynamic_batch,
             settings=settings, out=args.out, overwrite=args.overwrite)
         report = benchmark(loaded, config, conversions=conversions,
+                           calibration=_calibration(args, loaded, console),
+                           reduce_range=args.int8_reduce_range,
                            progress=lambda s: console.progress(f"-> {s}"))
         files = write_report(report, args.out, overwrite=args.overwrite)
     console.info(to_markdown(report))
@@ -466,15 +534,19 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from odconv_deploy.pipeline import PipelineOptions, run_pipeline
     from runtime_bench.bench_formats import parse_bench_formats
 
-    formats = parse_formats(args.formats)  # before any work
-    bench_formats = parse_bench_formats(args.bench_formats)
+    _check_calibration_args(args)  # before any work
+    formats = parse_formats(_formats_for_precision(args.formats, DEFAULT_FORMATS,
+                                                   args.precision, console))
+    bench_formats = parse_bench_formats(_formats_for_precision(
+        args.bench_formats, DEFAULT_BENCH_FORMATS, args.precision, console))
     check_precision(args.precision, formats + _bench_artifacts(bench_formats))
     check_writable(Path(args.out) / "report.json", overwrite=args.overwrite)
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
         model_args=args.model_args, input_shape=args.input_shape,
         trust_pickle=args.trust_pickle, strategy=args.strategy, precision=args.precision,
-        out=args.out, overwrite=args.overwrite, quick=args.quick,
+        calibration=args.calibration, reduce_range=args.int8_reduce_range, out=args.out,
+        overwrite=args.overwrite, quick=args.quick,
         formats=tuple(f.value for f in formats),
         bench_formats=tuple(b.name for b in bench_formats),
         threads=args.threads)
@@ -546,10 +618,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_positive_int, default=None,
                        action=_deprecated("--fixed-batch N"), help=argparse.SUPPRESS)
 
-    def precision_arg(p: argparse.ArgumentParser) -> None:
+    def precision_arg(p: argparse.ArgumentParser, *, calibrated: bool = True) -> None:
         p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                        help="what the artifacts store and compute in: " + "; ".join(
                            f"{k}: {v}" for k, v in PRECISIONS.items()))
+        if not calibrated:
+            return
+        p.add_argument("--calibration", metavar="DIR", default=None,
+                       help="int8: a folder of calibration images (read through the model's "
+                       "preprocessing: resized, centre-cropped, normalised) or preprocessed "
+                       ".npy arrays; a trained digits model defaults to its training split")
+        p.add_argument("--int8-reduce-range", action="store_true",
+                       help="int8: 7-bit weights, for x86 CPUs without VNNI (their U8S8 "
+                       "kernels can saturate); ARM does not need it")
 
     def exported_set_args(p: argparse.ArgumentParser) -> None:
         """Batch axis and ONNX target of the artifacts a command exports."""

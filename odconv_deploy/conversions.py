@@ -25,7 +25,7 @@ from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import io_spec_to_dict
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d, ort_nchwc_block
-from odconv_deploy.quantize import check_precision_name, quantize_kernel_banks
+from odconv_deploy.quantize import check_precision_name, quantize_kernel_banks, stores_int8_banks
 from odconv_deploy.reparameterize import (
     ConversionResult,
     LayerConversion,
@@ -85,7 +85,7 @@ class Conversions:
             key = self.plan(target, dynamic_batch)
             # int8w may plan other forms than the stored conversion has (see _auto_target).
             if result.strategy == strategy and tuple(x.form for x in result.layers) == key:
-                if precision == "int8w":
+                if stores_int8_banks(precision):
                     result = replace(result, model=quantize_kernel_banks(result.model),
                                      float_model=result.model)
                 self._cache[key] = result
@@ -102,7 +102,7 @@ class Conversions:
         rewrite), so an int8w model takes the plain ONNX plan there.
         """
         onnxruntime = canonical_target(target, warn=False) == "onnxruntime"
-        return "onnx" if self.precision == "int8w" and onnxruntime else target
+        return "onnx" if stores_int8_banks(self.precision) and onnxruntime else target
 
     def plan(self, target: str = "torch", dynamic_batch: bool = True) -> tuple[str, ...]:
         """The deploy form each ODConv layer takes for ``target``, in layer order."""
@@ -127,7 +127,7 @@ class Conversions:
                 result = convert_model(self.model, strategy=self.strategy,
                                        target=self._auto_target(target),
                                        dynamic_batch=dynamic_batch)
-                if self.precision == "int8w":
+                if stores_int8_banks(self.precision):
                     result = replace(result, model=quantize_kernel_banks(result.model),
                                      float_model=result.model)
                 self._cache[key] = result

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from odconv_deploy._atomic import atomic_output, check_writable
+from odconv_deploy.calibration import resolve_calibration
 from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
 from odconv_deploy.digits import DIGITS_MODELS
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
@@ -51,6 +53,10 @@ class PipelineOptions:
     trust_pickle: bool = False
     strategy: str | None = None  # default: a deploy checkpoint's own, else DEFAULT_STRATEGY
     precision: str = "fp32"  # a key of odconv_deploy.quantize.PRECISIONS
+    #: int8's calibration: a folder, Python data (odconv_deploy.calibration), or None (a
+    #: digits model's training split; any other model is refused).
+    calibration: object = None
+    reduce_range: bool = False  # int8: 7-bit weights, for x86 CPUs without VNNI
     formats: tuple[str, ...] = ("onnx", "onnx-sim", "ort", "coreml", "pte")
     bench_formats: tuple[str, ...] = ("onnx-sim", "pte", "torch")
     threads: int = 1
@@ -139,6 +145,7 @@ class _Pipeline:
         self.loaded: LoadedModel | None = None
         self.conversions: Conversions | None = None
         self.deploy = None
+        self.calibration = None
         self.exports: list = []
 
     def write(self) -> None:
@@ -174,6 +181,8 @@ class _Pipeline:
                                  trust_pickle=o.trust_pickle, seed=o.seed)
         stored = self.loaded.conversion
         strategy = o.strategy or (stored[0].strategy if stored else DEFAULT_STRATEGY)
+        self.calibration = resolve_calibration(o.precision, o.calibration, self.loaded.io_spec,
+                                               zoo_name=self.loaded.zoo_name)
         self.conversions = Conversions(self.loaded.model, strategy, stored=stored,
                                        progress=lambda s: self.progress(f"    {s}"),
                                        precision=o.precision)
@@ -182,8 +191,10 @@ class _Pipeline:
         self.report.strategy = strategy
         shapes = ", ".join(f"{t.name}{list(t.shape)}" for t in self.loaded.io_spec.inputs)
         outputs = ", ".join(f"{t.name}{list(t.shape)}" for t in self.loaded.io_spec.outputs)
+        calibrated = (f"; int8 calibration: {self.calibration.describe()}"
+                      if self.calibration is not None else "")
         return Status.OK, (f"{self.loaded.name} ({self.loaded.source}), weights: "
-                      f"{self.loaded.weights}; inputs {shapes}; outputs {outputs}"), {}
+                      f"{self.loaded.weights}; inputs {shapes}; outputs {outputs}{calibrated}"), {}
 
     def convert(self) -> StepOutcome:
         result = self.conversions.get("torch")
@@ -209,7 +220,11 @@ class _Pipeline:
                                replace(result, model=float_deploy, float_model=None),
                                target="torch", dynamic_batch=True, overwrite=True)
         if result.float_model is not None:
-            self.report.sections["Quantization drift"] = self._drift(float_deploy, data)
+            # int8's PyTorch model holds its int8w part; the graph's int8 part is the
+            # artifact's, measured by the validate step.
+            label = "int8w (the kernel banks of int8)" if self.o.precision == "int8" else None
+            self.report.sections["Quantization drift"] = self._drift(float_deploy, data,
+                                                                     precision=label)
         if not result.layers:
             return (Status.OK, "0 ODConv layers converted (the network has none); exported as is",
                     data)
@@ -218,16 +233,33 @@ class _Pipeline:
                       f"{worst:.1e}; whole model (float32, batch 3) "
                       f"{data['model_max_abs_error_fp32_batch3']:.1e}"), data
 
-    def _drift(self, float_deploy: nn.Module, data: dict[str, object]) -> str:
-        """The int8w model against float32: seeded inputs, and the digits test set if it is."""
+    def _drift(self, float_deploy: nn.Module, data: dict[str, object], *,
+               quantized: object = None, precision: str | None = None) -> str:
+        """A quantized model or artifact runner against float32, as a report section.
+
+        ``quantized`` defaults to the int8w deploy model, measured on seeded inputs; an int8
+        artifact's runner is measured on the calibration samples. A digits model adds its
+        test set.
+        """
         from odconv_deploy.validation.drift import quantization_drift
         from odconv_deploy.validation.inputs import validation_feeds
 
         spec = self.loaded.io_spec
         names, classifier = spec.output_names, spec.task == "classification"
-        feeds = [validation_feeds(spec, [8], seed=self.o.seed + i)[8] for i in range(4)]
-        reports = [quantization_drift(float_deploy, self.deploy, feeds, names,
-                                      precision=self.o.precision, inputs="32 seeded inputs",
+        if quantized is None:
+            quantized = self.deploy
+            feeds = [validation_feeds(spec, [8], seed=self.o.seed + i)[8] for i in range(4)]
+            inputs = "32 seeded inputs"
+        else:
+            # Seeded inputs leave an int8 graph's calibrated ranges (and are clipped there):
+            # its drift is measured on the calibration samples, in-sample.
+            samples = self.calibration.feeds
+            feeds = [{n: np.concatenate([f[n] for f in samples[i:i + 8]]) for n in samples[0]}
+                     for i in range(0, len(samples), 8)]
+            inputs = f"the {len(samples)} calibration samples (in-sample)"
+        precision = precision or self.o.precision
+        reports = [quantization_drift(float_deploy, quantized, feeds, names,
+                                      precision=precision, inputs=inputs,
                                       classifier=classifier)]
         if self.loaded.zoo_name in DIGITS_MODELS:
             from odconv_deploy.digits import load_digits_test
@@ -236,10 +268,10 @@ class _Pipeline:
             feeds = [{spec.input_names[0]: test.images[i:i + 60]}
                      for i in range(0, len(test.images), 60)]
             reports.append(quantization_drift(
-                float_deploy, self.deploy, feeds, names, precision=self.o.precision,
+                float_deploy, quantized, feeds, names, precision=precision,
                 inputs=f"the digits test set ({len(test.images)} images)",
                 classifier=classifier))
-        data["drift"] = [r.to_dict() for r in reports]
+        data.setdefault("drift", []).extend(r.to_dict() for r in reports)
         return "\n".join(r.to_markdown() for r in reports)
 
     def export(self) -> StepOutcome:
@@ -249,6 +281,7 @@ class _Pipeline:
             self.loaded.model, self.out / "artifacts", parse_formats(",".join(self.o.formats)),
             stem=self.loaded.name, conversions=self.conversions,
             io_spec=self.loaded.io_spec, overwrite=self.o.overwrite,
+            calibration=self.calibration, reduce_range=self.o.reduce_range,
             progress=lambda s: self.progress(f"    {s}"))
         rows: list[list[object]] = []
         for r in self.exports:
@@ -279,22 +312,44 @@ class _Pipeline:
                                for r in self.exports), data
 
     def validate(self) -> StepOutcome:
-        from export.validation import QUANTIZED_REFERENCE, accuracy_table, candidates_for
+        from export.validation import (
+            QUANTIZED_REFERENCE,
+            accuracy_table,
+            candidates_for,
+            int8_reference,
+        )
         from odconv_deploy.runners import TorchRunner
         from odconv_deploy.validation.validate import validate
 
         spec = self.loaded.io_spec
         train = TorchRunner(self.loaded.model, spec, name="torch (train form)")
-        quantized = self.conversions.precision == "int8w"
-        # An int8w artifact must compute what the quantized model does (exactly, at the fp32
-        # rule); its distance from float32 is the drift, reported by the convert step.
-        reference = TorchRunner(self.deploy, spec, name=QUANTIZED_REFERENCE) if quantized else train
-        candidates = candidates_for(self.exports, deploy_model=None if quantized else self.deploy,
-                                    io_spec=spec)
+        precision = self.conversions.precision
+        quantized = precision in ("int8w", "int8")
+        data: dict[str, object] = {}
+        if precision == "int8":
+            # The int8 graph's own semantics is the reference; its int8 kernels are held to
+            # the int8 rule; what quantizing activations costs is its drift from float32.
+            reference, candidates = int8_reference(self.exports)
+            drift = self._drift(self.conversions.get("torch").float_deploy, data,
+                                quantized=reference, precision="int8 (the QDQ graph)")
+            self.report.sections["Quantization drift"] = (
+                self.report.sections.get("Quantization drift", "") + "\n" + drift)
+        elif quantized:
+            # An int8w artifact must compute what the quantized model does (exactly, at the
+            # fp32 rule); its distance from float32 is the drift, reported by convert.
+            reference = TorchRunner(self.deploy, spec, name=QUANTIZED_REFERENCE)
+            candidates = candidates_for(self.exports, io_spec=spec)
+        else:
+            reference = train
+            candidates = candidates_for(self.exports, deploy_model=self.deploy, io_spec=spec)
         report = validate(reference, candidates, spec, batches=(1, 3), seed=self.o.seed,
                           progress=lambda s: self.progress(f"    {s}"))
         section = report.to_markdown()
-        data: dict[str, object] = {"validation": report.to_dict()}
+        if precision == "int8":
+            from export.quantize_onnx import int8_cpu_note
+
+            section += f"- {int8_cpu_note(self.o.reduce_range)}\n"
+        data["validation"] = report.to_dict()
         if self.loaded.zoo_name in DIGITS_MODELS:
             from odconv_deploy.digits import load_digits_test
 
@@ -357,7 +412,9 @@ class _Pipeline:
                              settings=settings, out=str(self.out / "bench"),
                              overwrite=self.o.overwrite)
         report = benchmark(self.loaded, config, conversions=self.conversions,
-                           reuse=self.exports, progress=lambda s: self.progress(f"    {s}"))
+                           reuse=self.exports, calibration=self.calibration,
+                           reduce_range=self.o.reduce_range,
+                           progress=lambda s: self.progress(f"    {s}"))
         write_report(report, self.out / "bench", overwrite=True)
         self.report.sections["Latency"] = (to_markdown(report) + "\n![latency](bench/latency.png)"
                                            "\n![ratio](bench/ratio.png)\n")

@@ -37,11 +37,20 @@ PRECISIONS: dict[str, str] = {
     "fp32": "float32 weights and compute (Core ML: --coreml-precision, fp16 by default)",
     "fp16": "float16 weights and compute",
     "int8w": "ODConv kernel banks stored int8 per output channel, computed in float",
+    "int8": "int8w, plus the static convs and linears int8 in weights and activations "
+            "(QDQ, calibrated)",
 }
+#: The precisions whose ODConv kernel banks are stored int8.
+INT8_BANK_PRECISIONS = ("int8w", "int8")
 #: int8 range of the symmetric scheme (-128 unused, so ``-q`` is always representable).
 INT8_LIMIT = 127
 #: The output-channel axis of the canonical bank layout ``[K, C_out, C_in/g, k, k]``.
 BANK_CHANNEL_AXIS = 1
+
+
+def stores_int8_banks(precision: str) -> bool:
+    """Whether ``precision`` stores the ODConv kernel banks int8 (int8w and int8)."""
+    return precision in INT8_BANK_PRECISIONS
 
 
 def check_precision_name(precision: str) -> None:

@@ -10,11 +10,16 @@ from pathlib import Path
 from torch import nn
 
 from export import ExportFormat, ExportResult, export_formats
+from odconv_deploy.calibration import CalibrationSet
 from odconv_deploy.complexity import measure_complexity
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, static_twin_of
-from odconv_deploy.quantize import quantize_conv_weights, stored_weight_bytes
+from odconv_deploy.quantize import (
+    quantize_conv_weights,
+    stored_weight_bytes,
+    stores_int8_banks,
+)
 from odconv_deploy.reparameterize import find_odconv_layers
 from odconv_deploy.runners.coreml_runner import BackendUnavailableError
 from odconv_deploy.status import Status
@@ -105,24 +110,31 @@ class BenchReport:
 def prepare_subjects(loaded: LoadedModel, config: BenchConfig, *,
                      conversions: Conversions | None = None,
                      reuse: Sequence[ExportResult] = (),
+                     calibration: CalibrationSet | None = None, reduce_range: bool = False,
                      progress: Callable[[str], None] = lambda _: None) -> list[BenchSubject]:
     """The ODConv model and its static twin, with the artifacts the formats need.
 
     The ODConv model's conversions come from ``conversions`` (the run's, default a new one
     with ``config.strategy``); artifacts in ``reuse`` (already exported, e.g. by the pipeline)
     are taken as they are and only missing formats are exported, under ``config.out``.
+
+    The twin is quantized the way the model is: in ``int8w`` and ``int8`` its convs that stand
+    in for the ODConv layers store their weights int8 (computed in float, as the ODConv
+    layers'); in ``int8`` both graphs' static convs and linears are quantized with the same
+    ``calibration``.
     """
     formats = {b.artifact for b in parse_bench_formats(config.formats) if b.artifact is not None}
     twin = static_twin_of(loaded)
     precision = conversions.precision if conversions is not None else "fp32"
-    if precision == "int8w":  # the twin stores its stand-in convs int8 the same way
+    if stores_int8_banks(precision):
         names = [name for name, _ in find_odconv_layers(loaded.model)]
         twin = replace(twin, model=quantize_conv_weights(twin.model, names),
-                       name=f"{twin.name}_int8w")
+                       name=f"{twin.name}_{precision}")
     subjects = []
     for role, item in (("odconv", loaded), ("static", twin)):
         convs = (conversions if role == "odconv" and conversions is not None
-                 else Conversions(item.model, config.strategy))
+                 else Conversions(item.model, config.strategy,
+                                  precision="int8" if precision == "int8" else "fp32"))
         have = {r.format: r for r in reuse if r.ok and r.format in formats} \
             if role == "odconv" else {}
         missing = sorted(formats - set(have), key=lambda f: f.value)
@@ -134,7 +146,8 @@ def prepare_subjects(loaded: LoadedModel, config: BenchConfig, *,
                               io_spec=item.io_spec, conversions=convs,
                               dynamic_batch=config.dynamic_batch, batch_size=batch_size,
                               # only ONNX Runtime on this machine runs them
-                              onnx_target="onnxruntime",
+                              onnx_target="onnxruntime", calibration=calibration,
+                              reduce_range=reduce_range,
                               overwrite=config.overwrite, progress=progress) if missing else []
         subjects.append(BenchSubject(item.name, role, convs.get("torch").model,
                                      {**{r.format: r for r in made}, **have},
@@ -155,9 +168,11 @@ def _fill_figures(row: BenchRow, macs: int, weight_bytes: int, probe: MachinePro
 
 def benchmark(loaded: LoadedModel, config: BenchConfig, *,
               conversions: Conversions | None = None, reuse: Sequence[ExportResult] = (),
+              calibration: CalibrationSet | None = None, reduce_range: bool = False,
               progress: Callable[[str], None] = lambda _: None) -> BenchReport:
     """Prepare ``loaded`` and its static twin (:func:`prepare_subjects`), then measure them."""
     subjects = prepare_subjects(loaded, config, conversions=conversions, reuse=reuse,
+                                calibration=calibration, reduce_range=reduce_range,
                                 progress=progress)
     return run_benchmark(subjects, loaded.io_spec, config, progress=progress)
 

@@ -34,6 +34,7 @@ LAYERS = [
     ("odconv_deploy.detect", 2), ("odconv_deploy.models", 2), ("odconv_deploy.synthetic", 2),
     ("odconv_deploy.checkpoint", 2), ("odconv_deploy.complexity", 2),
     ("odconv_deploy.strategy_choice", 2), ("odconv_deploy.digits", 2),
+    ("odconv_deploy.calibration", 2),
     ("odconv_deploy.runners", 3),
     ("odconv_deploy.reparameterize", 4), ("odconv_deploy.conversions", 4),
     ("odconv_deploy.static_twin", 4), ("odconv_deploy.model_source", 4),

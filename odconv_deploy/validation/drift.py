@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from odconv_deploy.layers.deploy import ODConv2dDeploy
+from odconv_deploy.runners.base import Runner
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.validation.compare import Tolerance, compare_output
 
@@ -120,7 +121,19 @@ def _run(model: nn.Module, feeds: list[Mapping[str, np.ndarray]], names: list[st
             {n: torch.cat(v) for n, v in choices.items()})
 
 
-def quantization_drift(reference: nn.Module, quantized: nn.Module,
+def _run_artifact(runner: Runner, feeds: list[Mapping[str, np.ndarray]], names: list[str]
+                  ) -> dict[str, np.ndarray]:
+    """Outputs of an artifact's runner, concatenated over feeds (by output order)."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    with runner:
+        for feed in feeds:
+            got = list(runner.infer(dict(feed)).values())
+            for name, value in zip(names, got, strict=True):
+                outputs.setdefault(name, []).append(np.asarray(value))
+    return {n: np.concatenate(v) for n, v in outputs.items()}
+
+
+def quantization_drift(reference: nn.Module, quantized: nn.Module | Runner,
                        feeds: list[Mapping[str, np.ndarray]], output_names: list[str], *,
                        precision: str, inputs: str, classifier: bool = False) -> DriftReport:
     """Measure ``quantized`` against the float32 ``reference`` on ``feeds``.
@@ -128,7 +141,8 @@ def quantization_drift(reference: nn.Module, quantized: nn.Module,
     Args:
         reference: The float32 model (train or deploy form; its ODConv deploy layers, if any,
             give the kernel choices).
-        quantized: The quantized deploy model.
+        quantized: The quantized deploy model, or the runner of a quantized artifact (then
+            outputs only: its kernel attention is not observable).
         feeds: Input dicts (in the models' input order), batches of any size.
         output_names: Names of the models' outputs, in order.
         precision: The quantized model's precision, for the report.
@@ -136,7 +150,10 @@ def quantization_drift(reference: nn.Module, quantized: nn.Module,
         classifier: Report top-1 agreement (2-D logits).
     """
     ref_out, ref_choice = _run(reference, feeds, output_names)
-    q_out, q_choice = _run(quantized, feeds, output_names)
+    if isinstance(quantized, nn.Module):
+        q_out, q_choice = _run(quantized, feeds, output_names)
+    else:
+        q_out, q_choice = _run_artifact(quantized, feeds, output_names), {}
     report = DriftReport(precision, inputs)
     for name in output_names:
         figures = compare_output(name, ref_out[name], q_out[name], _NO_VERDICT,
