@@ -1,7 +1,8 @@
 """Test-set accuracy per precision and artifact on the trained digits models, measured.
 
 For each trained model (:data:`odconv_deploy.digits.DIGITS_MODELS`) exports the int8w
-artifacts (ORT, ExecuTorch, Core ML with fp16 compute) and the fp16 Core ML package, runs the
+artifacts (ORT, ExecuTorch, Core ML with fp16 compute), the int8 ONNX family (calibrated on the
+model's training split) and the fp16 Core ML package, runs the
 test set through every runtime that executes them here (Core ML through the MIL executor) and
 writes ``precision_accuracy.json`` / ``.md``: top-1 of each against float32 PyTorch, and the
 agreement with it.
@@ -19,8 +20,10 @@ from pathlib import Path
 from export.result import ExportFormat
 from export.run import export_formats
 from export.validation import accuracy_table, candidates_for
+from odconv_deploy.calibration import resolve_calibration
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.digits import DIGITS_MODELS, load_digits_model, load_digits_test
+from odconv_deploy.model_source import load_model
 from odconv_deploy.runners import TorchRunner
 from odconv_deploy.tables import markdown_table
 from runtime_bench.probe import machine_info
@@ -32,11 +35,16 @@ INT8W_FORMATS = (ExportFormat.ORT, ExportFormat.EXECUTORCH, ExportFormat.COREML)
 def measure(name: str) -> list[dict[str, object]]:
     """Accuracy rows of model ``name``: float32 PyTorch first, then every artifact run."""
     model = load_digits_model(name)
+    spec = load_model(name).io_spec
     test = load_digits_test(name)
     with tempfile.TemporaryDirectory(prefix="odconv_accuracy_") as out:
         made = {"int8w": export_formats(
                     model, Path(out) / "int8w", list(INT8W_FORMATS), measure_sizes=False,
                     conversions=Conversions(model, "im2col", precision="int8w")),
+                "int8": export_formats(
+                    model, Path(out) / "int8", [ExportFormat.ORT], measure_sizes=False,
+                    conversions=Conversions(model, "im2col", precision="int8"),
+                    calibration=resolve_calibration("int8", None, spec, zoo_name=name)),
                 "fp16": export_formats(model, Path(out) / "fp16", [ExportFormat.COREML],
                                        precision="fp16", measure_sizes=False)}
         failed = [f"{r.format.value}: {r.error}" for rs in made.values() for r in rs if not r.ok]
@@ -55,7 +63,9 @@ def to_markdown(data: dict[str, object]) -> str:
     """One table per model: each runner's accuracy and its difference from float32."""
     lines = ["# Test-set accuracy per precision: the trained digits models", "",
              "Measured by `python -m runtime_bench.precision_accuracy`. int8w: kernel banks int8 "
-             "(Core ML computes in fp16); fp16: the Core ML package in fp16.", ""]
+             "(Core ML computes in fp16); int8: int8w plus the static convs and linears int8 "
+             "in ONNX Runtime (QDQ, calibrated on the training split); fp16: the Core ML "
+             "package in fp16.", ""]
     for name in DIGITS_MODELS:
         rows = [r for r in data["rows"] if r["model"] == name]
         if not rows:

@@ -1,9 +1,10 @@
-"""Artifact sizes per precision: every format in fp32 and int8w (Core ML also fp16), measured.
+"""Artifact sizes per precision: every format in fp32, int8w and int8 where made, and fp16.
 
 Exports one model (default od_resnet18, kernel_num 4, 224x224) in each precision and writes
 ``precision_sizes.json`` / ``.md`` with the file sizes, the kernel-bank share of each and the
 ratio to the same format in fp32. Sizes do not depend on the weights' values, so the zoo
-model's initial weights serve.
+model's initial weights serve, nor on the calibration's: int8 calibrates on seeded inputs here
+(scales only; never an accuracy figure).
 
     python -m runtime_bench.precision_sizes --out runtime_bench/results
 """
@@ -13,16 +14,20 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+from export.formats import FORMATS
 from export.result import ExportFormat
 from export.run import export_formats
+from odconv_deploy.calibration import calibration_from_data
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.models import create_model
 from odconv_deploy.tables import markdown_table
+from odconv_deploy.validation.inputs import seeded_feed
 from runtime_bench.probe import machine_info
 from runtime_bench.report import write_result_files
 
 #: (precision, Core ML compute precision) pairs measured; the first is the baseline.
-VARIANTS = (("fp32", "fp32"), ("fp16", "fp16"), ("int8w", "fp16"), ("int8w", "fp32"))
+VARIANTS = (("fp32", "fp32"), ("fp16", "fp16"), ("int8w", "fp16"), ("int8w", "fp32"),
+            ("int8", "fp16"))
 ALL_FORMATS = (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT,
                ExportFormat.EXECUTORCH, ExportFormat.COREML)
 
@@ -32,8 +37,14 @@ def measure(model_name: str, kernel_num: int) -> list[dict[str, object]]:
     model = create_model(model_name, kernel_num=kernel_num).eval()
     rows: list[dict[str, object]] = []
     for precision, coreml_precision in VARIANTS:
+        calibration = None
         if precision == "fp16":
             formats = [ExportFormat.COREML]
+        elif precision == "int8":
+            formats = [f for f in ALL_FORMATS if precision in FORMATS[f].precisions]
+            calibration = calibration_from_data(
+                [seeded_feed(model.io_spec, 8, seed=i) for i in range(4)], model.io_spec,
+                source="seeded inputs (sizes only)")
         elif coreml_precision == "fp32" and precision != "fp32":
             formats = [ExportFormat.COREML]
         else:
@@ -41,7 +52,8 @@ def measure(model_name: str, kernel_num: int) -> list[dict[str, object]]:
         with tempfile.TemporaryDirectory(prefix="odconv_sizes_") as out:
             conversions = Conversions(model, "im2col", precision=precision)
             for r in export_formats(model, out, formats, conversions=conversions,
-                                    precision=precision, coreml_precision=coreml_precision):
+                                    precision=precision, coreml_precision=coreml_precision,
+                                    calibration=calibration):
                 split = r.details.get("size_split") or {}
                 rows.append({"precision": precision, "format": r.format.value,
                              "coreml_compute": (r.options.get("precision")
