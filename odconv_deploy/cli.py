@@ -153,11 +153,12 @@ def _conversions(args: argparse.Namespace, loaded: object, console: Console) -> 
                        precision=getattr(args, "precision", "fp32"))
 
 
-def _check_calibration_args(args: argparse.Namespace) -> None:
+def _check_calibration_args(args: argparse.Namespace, *, exports: bool = True) -> None:
     """Check int8's options before any work.
 
     The flags need int8, the folder its files, and a zoo model without built-in calibration
-    data needs --calibration.
+    data needs --calibration when the command ``exports`` (validating given artifacts
+    does not).
     """
     from odconv_deploy.calibration import calibration_files, require_builtin_calibration
     from odconv_deploy.model_source import zoo_names
@@ -171,7 +172,7 @@ def _check_calibration_args(args: argparse.Namespace) -> None:
                                         "--precision int8.")
     elif args.calibration:
         calibration_files(args.calibration)
-    elif args.model in zoo_names():
+    elif exports and args.model in zoo_names():
         require_builtin_calibration(args.model)
 
 
@@ -314,12 +315,12 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from odconv_deploy._atomic import atomic_output, check_writable
 
     check_batch_size(args.fixed_batch, args.dynamic_batch)  # before any work
-    _check_calibration_args(args)
-    formats = parse_formats(_formats_for_precision(args.formats, DEFAULT_FORMATS,
-                                                   args.precision, console))
     given = [(fmt, p) for fmt, p in ((ExportFormat.ONNX, args.onnx), (ExportFormat.ORT, args.ort),
                                       (ExportFormat.EXECUTORCH, args.pte),
                                       (ExportFormat.COREML, args.coreml)) if p]
+    _check_calibration_args(args, exports=not given)
+    formats = parse_formats(_formats_for_precision(args.formats, DEFAULT_FORMATS,
+                                                   args.precision, console))
     check_precision(args.precision, [fmt for fmt, _ in given] or formats)
     if args.json:
         check_writable(Path(args.json), overwrite=True)

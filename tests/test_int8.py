@@ -281,3 +281,38 @@ def test_the_twin_is_quantized_the_same_way(tmp_path):
     assert twin.name.endswith("_int8")
     # the twin's stand-ins for the ODConv layers store int8 and compute in float, as they do
     assert "4 with a computed weight" in twin.artifacts[ExportFormat.ONNX].notes[0]
+
+
+def test_validate_checks_a_given_int8_artifact_at_its_own_storage(tinynet_int8, capsys):
+    from odconv_deploy.cli import main
+
+    _, _, results = tinynet_int8
+    path = str(results[ExportFormat.ONNX_SIMPLIFIED].path)
+    assert main(["validate", "--model", "od_tinynet_digits", "--onnx", path]) == 3
+    assert "stores int8 weights (its metadata); --precision fp32 checks float ones. Note: " \
+           "pass --precision int8" in capsys.readouterr().err
+    assert main(["validate", "--model", "od_tinynet_digits", "--onnx", path,
+                 "--precision", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert INT8_REFERENCE in out and "int8 kernels ran on" in out
+
+
+def test_the_main_job_runs_int8_end_to_end(tmp_path):
+    import json
+
+    from odconv_deploy.pipeline import PipelineOptions, run_pipeline
+
+    report = run_pipeline(PipelineOptions(
+        model="od_tinynet_digits", precision="int8", formats=("onnx", "onnx-sim", "ort"),
+        bench_formats=("onnx-sim",), quick=True, out=str(tmp_path)))
+    assert report.ok, report.summary()
+    text = (tmp_path / "report.md").read_text()
+    assert "int8 calibration: 256 samples from the sklearn digits training split" in text
+    assert "int8 (the QDQ graph) against float32 PyTorch on the 256 calibration samples" in text
+    assert f"Reference: {INT8_REFERENCE}" in text and "int8 kernels ran on" in text
+    steps = {s["name"]: s for s in json.loads((tmp_path / "report.json").read_text())["steps"]}
+    accuracy = steps["validate"]["data"]["accuracy"]
+    assert len(accuracy) == 7 and all(abs(r["accuracy"] - accuracy[0]["accuracy"]) <= 0.005
+                                      for r in accuracy)
+    rows = steps["benchmark"]["data"]["rows"]
+    assert {r["model"] for r in rows} == {"od_tinynet_digits", "tinynet_int8"}
