@@ -108,14 +108,23 @@ def plan_quantization(proto: object, model: nn.Module, odconv_layers: list[str]
     return QuantizationPlan(tuple(static), odconv, computed, tuple(unresolved))
 
 
-def _reader(base: type, calibration: CalibrationSet, input_names: list[str]) -> object:
-    """ONNX Runtime's calibration reader (a subclass of ``base``) over ``calibration``."""
+def _reader(base: type, calibration: CalibrationSet, input_names: list[str], batch: int
+            ) -> object:
+    """ONNX Runtime's calibration reader (a subclass of ``base``) over ``calibration``.
+
+    The samples are stacked ``batch`` at a time: a graph with a fixed batch takes no other.
+    """
     missing = [n for n in input_names if n not in calibration.feeds[0]]
     if missing:
         raise ExportError(f"Calibration samples lack the graph's input(s) {missing}; they have "
                           f"{sorted(calibration.feeds[0])}.")
-    feeds = iter([{n: np.ascontiguousarray(f[n]) for n in input_names}
-                  for f in calibration.feeds])
+    if len(calibration) < batch:
+        raise ExportError(f"The graph has a fixed batch of {batch} and the calibration "
+                          f"{len(calibration)} samples. Note: give at least {batch}.")
+    samples = calibration.feeds
+    feeds = iter([{n: np.ascontiguousarray(np.concatenate([f[n] for f in samples[i:i + batch]]))
+                   for n in input_names}
+                  for i in range(0, len(samples) - batch + 1, batch)])
 
     class Reader(base):
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -126,11 +135,12 @@ def _reader(base: type, calibration: CalibrationSet, input_names: list[str]) -> 
 
 def quantize_static_nodes(source: str | os.PathLike, target: str | os.PathLike,
                           plan: QuantizationPlan, calibration: CalibrationSet, *,
-                          reduce_range: bool = False) -> dict[str, int]:
+                          reduce_range: bool = False, batch: int = 1) -> dict[str, int]:
     """Write ``source`` quantized to ``target``: the plan's nodes QDQ int8, calibrated.
 
     ``reduce_range`` quantizes weights to 7 bits, for x86 CPUs without VNNI whose U8S8 kernels
     saturate an int16 sum of two 8-bit products (ONNX Runtime's advice); ARM does not need it.
+    ``batch`` is the graph's fixed batch (1 for a dynamic one).
 
     Returns:
         The op counts of the quantized graph.
@@ -143,7 +153,7 @@ def quantize_static_nodes(source: str | os.PathLike, target: str | os.PathLike,
                           "int8 would quantize nothing beyond int8w. Note: use --precision "
                           "int8w.")
     names = [i.name for i in onnx.load(str(source), load_external_data=False).graph.input]
-    reader = _reader(quantization.CalibrationDataReader, calibration, names)
+    reader = _reader(quantization.CalibrationDataReader, calibration, names, batch)
     root = logging.getLogger()  # the quantizer's advice to pre-process goes to the root logger
     level = root.level
     root.setLevel(logging.ERROR)

@@ -133,6 +133,10 @@ def export_formats(
                           "calibration=... from Python (odconv_deploy.calibration).")
     if precision != "int8":
         calibration = None
+    elif not dynamic_batch and len(calibration) < batch_size:
+        raise ExportError(f"A graph with a fixed batch of {batch_size} calibrates on batches of "
+                          f"{batch_size}, and the calibration has {len(calibration)} samples. "
+                          f"Note: give at least {batch_size}.")
     if precision == "fp16":
         coreml_precision = "fp16"
     if conversions is None:

@@ -111,13 +111,14 @@ def _use_nchwc_kernels(proto: object, block: int) -> int:
 
 
 def _quantize(tmp: Path, prepared: PreparedModel, calibration: CalibrationSet,
-              reduce_range: bool) -> QuantizationPlan:
+              reduce_range: bool, batch: int) -> QuantizationPlan:
     """Quantize the exported graph at ``tmp`` in place (int8: static nodes QDQ, calibrated)."""
     onnx = require_backend("onnx", extra="onnx", purpose="int8 quantization")
     layers = [n for n, m in prepared.model.named_modules() if isinstance(m, ODConv2dDeploy)]
     plan = plan_quantization(onnx.load(str(tmp)), prepared.model, layers)
     quantized = tmp.with_name(f"int8_{tmp.name}")
-    quantize_static_nodes(tmp, quantized, plan, calibration, reduce_range=reduce_range)
+    quantize_static_nodes(tmp, quantized, plan, calibration, reduce_range=reduce_range,
+                          batch=batch)
     os.replace(quantized, tmp)
     return plan
 
@@ -195,6 +196,9 @@ def export_onnx(
         raise ExportError("ort_nchwc layers export with the torchscript exporter only (the "
                           "NCHWc rewrite is built for its graphs). Note: pass "
                           "exporter='torchscript'.")
+    if block is not None and calibration is not None:
+        raise ExportError("int8 cannot take ort_nchwc layers (their NCHWc rewrite reads a float "
+                          "bank). Note: export with target='onnx'.")
     axes = _dynamic_axes(prepared.io_spec, dynamic_batch, dynamic_spatial)
     weight_bytes = sum(p.numel() * p.element_size() for p in prepared.model.parameters())
     external = weight_bytes > PROTOBUF_LIMIT
@@ -213,7 +217,8 @@ def export_onnx(
             ) from exc
         plan = None
         if calibration is not None:
-            plan = _quantize(tmp, prepared, calibration, reduce_range)
+            plan = _quantize(tmp, prepared, calibration, reduce_range,
+                             1 if dynamic_batch else batch_size)
         proto = onnx.load(str(tmp), load_external_data=False)
         nchwc_convs = _use_nchwc_kernels(proto, block) if block is not None else 0
         storage = INT8_STORAGE if plan is not None else weight_storage(prepared.model)

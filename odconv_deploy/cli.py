@@ -619,12 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_positive_int, default=None,
                        action=_deprecated("--fixed-batch N"), help=argparse.SUPPRESS)
 
-    def precision_arg(p: argparse.ArgumentParser, *, calibrated: bool = True) -> None:
+    def precision_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                        help="what the artifacts store and compute in: " + "; ".join(
                            f"{k}: {v}" for k, v in PRECISIONS.items()))
-        if not calibrated:
-            return
         p.add_argument("--calibration", metavar="DIR", default=None,
                        help="int8: a folder of calibration images (read through the model's "
                        "preprocessing: resized, centre-cropped, normalised) or preprocessed "

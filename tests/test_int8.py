@@ -316,3 +316,22 @@ def test_the_main_job_runs_int8_end_to_end(tmp_path):
                                       for r in accuracy)
     rows = steps["benchmark"]["data"]["rows"]
     assert {r["model"] for r in rows} == {"od_tinynet_digits", "tinynet_int8"}
+
+
+def test_a_fixed_batch_graph_calibrates_in_batches_of_its_size(tmp_path):
+    loaded = load_model("od_tinynet_digits")
+    images = load_digits_splits()[0].images
+    conversions = Conversions(loaded.model, "im2col", precision="int8")
+    (made,) = export_formats(loaded.model, tmp_path, [ExportFormat.ONNX], io_spec=loaded.io_spec,
+                             conversions=conversions, dynamic_batch=False, batch_size=4,
+                             calibration=calibration_from_data(images[:10], loaded.io_spec),
+                             measure_sizes=False)
+    assert made.ok, made.error
+    assert made.input_shapes["image"] == [4, 1, 8, 8]
+    with pytest.raises(ExportError, match="fixed batch of 4 calibrates on batches of 4, and "
+                                          "the calibration has 3 samples"):
+        export_formats(loaded.model, tmp_path / "few", [ExportFormat.ONNX],
+                       io_spec=loaded.io_spec, conversions=conversions, dynamic_batch=False,
+                       batch_size=4, calibration=calibration_from_data(images[:3],
+                                                                       loaded.io_spec))
+    assert not (tmp_path / "few").exists()
