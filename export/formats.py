@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.quantize_onnx import INT8_STORAGE
 from export.result import ExportError, ExportFormat, ExportResult, recorded_weights
-from odconv_deploy.quantize import check_precision_name
+from odconv_deploy.quantize import INT8_STORAGE, check_precision_name
 from odconv_deploy.runners import (
     CoreMLRunner,
     ExecuTorchRunner,
@@ -28,8 +27,9 @@ from odconv_deploy.validation.validate import Candidate
 
 #: The runners that validate an artifact, each with its precision (and error model).
 ValidationRunners = list[Candidate]
-#: The precisions of the ONNX family (int8: W8A8 static convs, ONNX Runtime's quantizer).
-ONNX_PRECISIONS = ("fp32", "int8w", "int8")
+#: The precisions of the ONNX family and ExecuTorch (int8: W8A8 static convs and linears, by
+#: ONNX Runtime's quantizer and the XNNPACK PT2E quantizer).
+INT8_PRECISIONS = ("fp32", "int8w", "int8")
 
 
 @dataclass(frozen=True)
@@ -145,20 +145,23 @@ def _ort_bench(name: str) -> Callable[[ExportResult, int], Runner]:
 
 FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
     FormatInfo(ExportFormat.ONNX, ".onnx", "ONNX (opset 18, onnx.checker full check)", (),
-               "onnx", _ort_levels("onnx"), precisions=ONNX_PRECISIONS),
+               "onnx", _ort_levels("onnx"), precisions=INT8_PRECISIONS),
     FormatInfo(ExportFormat.ONNX_SIMPLIFIED, ".sim.onnx", "ONNX simplified with onnxsim",
                (ExportFormat.ONNX,), "onnx", _ort_levels("onnx-sim"), _ort_bench("onnx-sim"),
-               ONNX_PRECISIONS),
+               INT8_PRECISIONS),
     FormatInfo(ExportFormat.ORT, ".ort", "ORT format for ONNX Runtime Mobile",
                (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX), "onnx", _ort_file_runners,
-               _ort_bench("ort"), ONNX_PRECISIONS),
+               _ort_bench("ort"), INT8_PRECISIONS),
     FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
                _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml"),
                ("fp32", "fp16", "int8w")),
     FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
                "executorch",
-               lambda r: [Candidate(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"))],
-               lambda r, threads: ExecuTorchRunner.from_export(r, threads=threads, name="pte")),
+               lambda r: [Candidate(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"),
+                                    "int8" if r.options.get("weights") == INT8_STORAGE
+                                    else "fp32")],
+               lambda r, threads: ExecuTorchRunner.from_export(r, threads=threads, name="pte"),
+               INT8_PRECISIONS),
 )}
 
 #: Formats by CLI name, in the order they are made.

@@ -36,8 +36,6 @@ from odconv_deploy.errors import require_backend
 
 #: The ops ONNX Runtime's quantizer turns into int8 kernels here (QLinearConv, QGemm, ...).
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
-#: The storage an int8 artifact records (``weights`` in its metadata).
-INT8_STORAGE = "int8"
 
 
 @dataclass(frozen=True)

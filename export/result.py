@@ -146,11 +146,24 @@ def artifact_result(fmt: ExportFormat, path: str | os.PathLike, io_spec: IOSpec,
         file_size_bytes=path_size(path), options=options, notes=notes)
 
 
-def recorded_weights(fmt: ExportFormat, path: str | os.PathLike) -> str | None:
-    """The weight storage (``float`` / ``int8w``) an ONNX or Core ML artifact's metadata records.
+#: Suffix of the PyTorch reference saved beside an int8 ``.pte`` (:mod:`export.quantize_pt2e`).
+PT2E_REFERENCE_SUFFIX = ".int8_reference.pt2"
 
-    None for other formats and for files without the record (not made by this package).
+
+def pt2e_reference_path(pte: str | os.PathLike) -> Path:
+    """Where the PyTorch reference of an int8 ``.pte`` is saved."""
+    pte = Path(pte)
+    return pte.with_name(pte.name.removesuffix(".pte") + PT2E_REFERENCE_SUFFIX)
+
+
+def recorded_weights(fmt: ExportFormat, path: str | os.PathLike) -> str | None:
+    """The weight storage (``float`` / ``int8w`` / ``int8``) an artifact records.
+
+    ONNX and Core ML: their metadata; a ``.pte``: ``int8`` when its int8 reference is beside
+    it. None for other formats and for files without the record (not made by this package).
     """
+    if fmt is ExportFormat.EXECUTORCH:
+        return "int8" if pt2e_reference_path(path).is_file() else None
     if fmt in (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED):
         import onnx
 

@@ -68,7 +68,8 @@ def _make(fmt: ExportFormat, job: _Job) -> ExportResult:
         return export_coreml(job.model, job.path, precision=o["coreml_precision"],
                              flexible_batch=o["dynamic_batch"], **common)
     _require_batch_one(o["batch_size"], "ExecuTorch")
-    return export_executorch(job.model, job.path, dynamic_batch=o["dynamic_batch"], **common)
+    return export_executorch(job.model, job.path, dynamic_batch=o["dynamic_batch"],
+                             calibration=o["calibration"], **common)
 
 
 def export_formats(

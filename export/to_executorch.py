@@ -12,20 +12,24 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 
 from export.prepare import prepare_model, require_dynamic_batch_support
+from export.quantize_pt2e import quantize_program, static_module_names
 from export.result import (
     ExportError,
     ExportFormat,
     ExportResult,
     fspath,
     path_size,
+    pt2e_reference_path,
     root_cause,
     spec_shapes,
     tool_versions,
 )
 from odconv_deploy._atomic import atomic_output
+from odconv_deploy.calibration import CalibrationSet
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
-from odconv_deploy.quantize import weight_storage
+from odconv_deploy.layers.deploy import ODConv2dDeploy
+from odconv_deploy.quantize import INT8_STORAGE, weight_storage
 
 #: aten ops whose MACs count as "conv/matmul MACs" (training IR and edge dialect names).
 _CONV_OPS = ("aten.convolution", "aten.conv2d")
@@ -110,6 +114,7 @@ def export_executorch(
     input_shape: tuple[int, ...] | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    calibration: CalibrationSet | None = None,
 ) -> ExportResult:
     """Lower a model (train form converted automatically) to an ExecuTorch ``.pte`` (XNNPACK).
 
@@ -126,6 +131,9 @@ def export_executorch(
         input_shape: Input shape for models without an ``io_spec``.
         name: Model name (for messages).
         overwrite: Replace an existing file.
+        calibration: Make an ``int8`` program: the static convs and linears quantized by the
+            XNNPACK PT2E quantizer on these samples (:mod:`export.quantize_pt2e`), its
+            PyTorch reference saved beside the ``.pte``.
 
     Raises:
         ExportError: torch.export or lowering failed (the message names the cause).
@@ -154,6 +162,13 @@ def export_executorch(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exported = torch.export.export(prepared.model, inputs, dynamic_shapes=dims)
+            if calibration is not None:
+                layers = [n for n, m in prepared.model.named_modules()
+                          if isinstance(m, ODConv2dDeploy)]
+                int8_layers = static_module_names(prepared.model, layers)
+                converted = quantize_program(exported, int8_layers, calibration,
+                                             dynamic_batch=dynamic_batch)
+                exported = torch.export.export(converted, inputs, dynamic_shapes=dims)
             total_macs, _ = conv_matmul_macs(exported.graph_module)
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             lowered = edge.exported_program().graph_module
@@ -161,11 +176,16 @@ def export_executorch(
             if dynamic_batch:
                 _restore_batch_range(edge, max_batch)
             program = edge.to_executorch()
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(f"ExecuTorch lowering of {prepared.name} failed: {root_cause(exc)}"
                           ) from exc
     fallback_macs, fallback_ops = conv_matmul_macs(lowered)
     path = fspath(path)
+    if calibration is not None:  # the PyTorch reference first: a .pte never lands without it
+        with atomic_output(pt2e_reference_path(path), overwrite=overwrite) as tmp:
+            torch.export.save(exported, str(tmp))
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(program.buffer)
         planned_batch = _planned_batch(tmp)
@@ -178,6 +198,12 @@ def export_executorch(
     if dynamic_batch and planned_batch < max_batch:
         notes.append(f"ExecuTorch planned memory for batch <= {planned_batch} (asked for "
                      f"{max_batch}); larger batches are rejected by the runtime")
+    if calibration is not None:
+        quantized_ops = {op: b for op, b in by_op.items() if "quantize" in op}
+        stuck = sorted(op for op, b in quantized_ops.items() if b["non_delegated"])
+        notes.append(f"int8 in XNNPACK: {', '.join(int8_layers)} (calibrated on "
+                     f"{calibration.describe()}); float: the {len(layers)} ODConv layers"
+                     + (f"; quantize ops NOT delegated: {stuck}" if stuck else ""))
     if fallback_ops:
         notes.append(f"conv/matmul ops NOT delegated to XNNPACK: {dict(fallback_ops)} "
                      f"({fallback_macs / 1e6:.1f} of {total_macs / 1e6:.1f} M MACs run on "
@@ -191,7 +217,11 @@ def export_executorch(
         options={"backend": "xnnpack", "dynamic_batch": dynamic_batch, "max_batch": max_batch,
                  "strategy": prepared.strategy,
                  "layer_forms": prepared.layer_forms, "model": prepared.name,
-                 "weights": weight_storage(prepared.model)},
+                 "weights": INT8_STORAGE if calibration is not None
+                 else weight_storage(prepared.model),
+                 **({"int8_layers": int8_layers, "calibration": calibration.describe(),
+                     "reference": str(pt2e_reference_path(path))} if calibration is not None
+                    else {})},
         tool_versions=tool_versions("executorch"),
         op_counts={op: b["delegated"] + b["non_delegated"] for op, b in by_op.items()},
         notes=notes,

@@ -20,7 +20,6 @@ from export.prepare import (
     require_dynamic_batch_support,
 )
 from export.quantize_onnx import (
-    INT8_STORAGE,
     QuantizationPlan,
     plan_quantization,
     quantize_static_nodes,
@@ -40,7 +39,7 @@ from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.layers.deploy import ODConv2dDeploy
 from odconv_deploy.layers.ort_nchwc import BLOCK_METADATA_KEY
-from odconv_deploy.quantize import weight_storage
+from odconv_deploy.quantize import INT8_STORAGE, weight_storage
 from odconv_deploy.strategy_choice import canonical_target
 
 #: Default opset: recent, and accepted by ONNX Runtime (incl. Mobile), onnxsim and the dynamo

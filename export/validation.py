@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from export.formats import FORMATS
+from export.quantize_pt2e import load_reference
 from export.result import ExportFormat
 from export.run import export_formats
 from odconv_deploy.conversions import Conversions
@@ -32,6 +33,7 @@ from odconv_deploy.validation.routing import RoutingReport, RunnerRouting, check
 from odconv_deploy.validation.validate import (
     Candidate,
     ValidationReport,
+    merge_reports,
     validate,
     validate_feeds,
 )
@@ -42,31 +44,57 @@ from odconv_deploy.validation.validate import (
 ROUTING_FORMATS = (ExportFormat.ONNX, ExportFormat.COREML, ExportFormat.EXECUTORCH)
 #: The reference of an int8w run: the deploy model with its kernel banks int8.
 QUANTIZED_REFERENCE = "torch int8w (kernel banks int8)"
-#: The reference of an int8 run: the QDQ graph computed as written (float ops on dequantized
-#: values), which ONNX Runtime does with its graph optimisations off.
+#: The reference of an int8 run's ONNX artifacts: the QDQ graph computed as written (float ops
+#: on dequantized values), which ONNX Runtime does with its graph optimisations off.
 INT8_REFERENCE = "int8 QDQ graph as written (onnxruntime, opt off)"
+#: The reference of an int8 .pte: the PT2E-converted PyTorch program it was lowered from.
+PT2E_REFERENCE = "torch int8 PT2E program (the .pte's reference)"
 
 
-def int8_reference(results: Sequence[object]) -> tuple[Runner, list[Candidate]]:
-    """The reference of an int8 run's artifacts, and the runners checked against it.
+def int8_references(results: Sequence[object], io_spec: IOSpec
+                    ) -> list[tuple[Runner, list[Candidate]]]:
+    """The references of an int8 run's artifacts, each with the runners checked against it.
 
-    The reference is the ``.onnx`` (else ``.sim.onnx``) run with optimisations off; the
-    candidates are every artifact's runners but that one: the graphs run as written at the
-    float32 rule, the int8 kernels (optimisations on, the ``.ort`` file) at the int8 rule.
+    ONNX family: the ``.onnx`` (else ``.sim.onnx``) run with optimisations off, the graph as
+    written; its other runners are the candidates (graphs as written at the float32 rule, int8
+    kernels at the int8 rule). ExecuTorch: the PT2E-converted PyTorch program saved beside the
+    ``.pte`` (:mod:`export.quantize_pt2e`), against which XNNPACK's int8 kernels run.
 
     Raises:
-        ValueError: No ONNX artifact was exported.
+        ValueError: No artifact was exported.
+        ExportError: An int8 ``.pte`` without its saved reference.
     """
+    groups: list[tuple[Runner, list[Candidate]]] = []
     source = next((r for fmt in (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED)
                    for r in results if r.ok and r.format is fmt), None)
-    if source is None:
-        raise ValueError("an int8 run's reference is its ONNX graph, and no ONNX artifact "
-                         "was exported")
-    reference = OnnxRuntimeRunner(str(source.path), optimization="off", name=INT8_REFERENCE)
-    candidates = [c for c in candidates_for(results)
-                  if not (isinstance(c.runner, OnnxRuntimeRunner)
-                          and c.runner.path == reference.path and c.runner.optimization == "off")]
-    return reference, candidates
+    onnx_family = [r for r in results if r.ok and r.format is not ExportFormat.EXECUTORCH]
+    if onnx_family:
+        if source is None:
+            raise ValueError("the reference of int8 ONNX artifacts is their ONNX graph, and no "
+                             ".onnx or .sim.onnx was exported")
+        reference = OnnxRuntimeRunner(str(source.path), optimization="off",
+                                      name=INT8_REFERENCE)
+        groups.append((reference, [
+            c for c in candidates_for(onnx_family)
+            if not (isinstance(c.runner, OnnxRuntimeRunner)
+                    and c.runner.path == reference.path and c.runner.optimization == "off")]))
+    for pte in (r for r in results if r.ok and r.format is ExportFormat.EXECUTORCH):
+        program = load_reference(pte.path)
+        groups.append((TorchRunner(program, io_spec, name=PT2E_REFERENCE),
+                       candidates_for([pte])))
+    if not groups:
+        raise ValueError("no int8 artifact was exported, so there is nothing to validate")
+    return groups
+
+
+def validate_int8(results: Sequence[object], io_spec: IOSpec, *, batches: Sequence[int] = (1, 3),
+                  seed: int = 0, image_folder: str | None = None,
+                  progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
+    """Every int8 artifact against its reference (:func:`int8_references`), one report."""
+    reports = [validate(reference, candidates, io_spec, batches=batches, seed=seed,
+                        image_folder=image_folder, progress=progress)
+               for reference, candidates in int8_references(results, io_spec)]
+    return merge_reports(reports)
 
 
 def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None = None,
@@ -103,7 +131,7 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
     ``quantized`` (an ``int8w`` run) the reference is ``deploy_model`` itself, the quantized
     model the artifacts were made from: they must compute what it computes, at the float32
     rule (the quantization's own cost is :mod:`odconv_deploy.validation.drift`'s to report).
-    With ``int8`` the reference is the int8 graph computed as written (:func:`int8_reference`).
+    With ``int8`` each artifact is checked against its int8 reference (:func:`int8_references`).
     """
     if io_spec is None:
         declared = getattr(model, "io_spec", None)
@@ -112,9 +140,8 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
         model, io_spec = describe_io(model, type(model).__name__,
                                      declared if isinstance(declared, IOSpec) else None, inputs)
     if int8:
-        reference, candidates = int8_reference(results)
-        return validate(reference, candidates, io_spec, batches=batches, seed=seed,
-                        image_folder=image_folder, progress=progress)
+        return validate_int8(results, io_spec, batches=batches, seed=seed,
+                             image_folder=image_folder, progress=progress)
     if quantized:
         if deploy_model is None:
             raise ValueError("quantized=True needs the quantized deploy_model as the reference")

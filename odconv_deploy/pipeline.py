@@ -316,10 +316,10 @@ class _Pipeline:
             QUANTIZED_REFERENCE,
             accuracy_table,
             candidates_for,
-            int8_reference,
+            int8_references,
         )
         from odconv_deploy.runners import TorchRunner
-        from odconv_deploy.validation.validate import validate
+        from odconv_deploy.validation.validate import merge_reports, validate
 
         spec = self.loaded.io_spec
         train = TorchRunner(self.loaded.model, spec, name="torch (train form)")
@@ -327,23 +327,28 @@ class _Pipeline:
         quantized = precision in ("int8w", "int8")
         data: dict[str, object] = {}
         if precision == "int8":
-            # The int8 graph's own semantics is the reference; its int8 kernels are held to
-            # the int8 rule; what quantizing activations costs is its drift from float32.
-            reference, candidates = int8_reference(self.exports)
-            drift = self._drift(self.conversions.get("torch").float_deploy, data,
-                                quantized=reference, precision="int8 (the QDQ graph)")
-            self.report.sections["Quantization drift"] = (
-                self.report.sections.get("Quantization drift", "") + "\n" + drift)
+            # Each int8 artifact's own semantics is its reference (the QDQ graph as written,
+            # the .pte's PT2E program); its int8 kernels are held to the int8 rule; what
+            # quantizing activations costs is the reference's drift from float32.
+            groups = int8_references(self.exports, spec)
+            float_deploy = self.conversions.get("torch").float_deploy
+            drifts = [self._drift(float_deploy, data, quantized=reference,
+                                  precision=f"int8 ({reference.name})")
+                      for reference, _ in groups]
+            self.report.sections["Quantization drift"] = "\n".join(
+                [self.report.sections.get("Quantization drift", ""), *drifts])
         elif quantized:
             # An int8w artifact must compute what the quantized model does (exactly, at the
             # fp32 rule); its distance from float32 is the drift, reported by convert.
-            reference = TorchRunner(self.deploy, spec, name=QUANTIZED_REFERENCE)
-            candidates = candidates_for(self.exports, io_spec=spec)
+            groups = [(TorchRunner(self.deploy, spec, name=QUANTIZED_REFERENCE),
+                       candidates_for(self.exports, io_spec=spec))]
         else:
-            reference = train
-            candidates = candidates_for(self.exports, deploy_model=self.deploy, io_spec=spec)
-        report = validate(reference, candidates, spec, batches=(1, 3), seed=self.o.seed,
-                          progress=lambda s: self.progress(f"    {s}"))
+            groups = [(train, candidates_for(self.exports, deploy_model=self.deploy,
+                                             io_spec=spec))]
+        report = merge_reports([validate(reference, candidates, spec, batches=(1, 3),
+                                         seed=self.o.seed,
+                                         progress=lambda s: self.progress(f"    {s}"))
+                                for reference, candidates in groups])
         section = report.to_markdown()
         if precision == "int8":
             from export.quantize_onnx import int8_cpu_note

@@ -42,6 +42,9 @@ PRECISIONS: dict[str, str] = {
 }
 #: The precisions whose ODConv kernel banks are stored int8.
 INT8_BANK_PRECISIONS = ("int8w", "int8")
+#: The weight storage an int8 artifact records (``weights`` in its metadata and options): its
+#: banks int8w, its static convs and linears int8 with int8 activations.
+INT8_STORAGE = "int8"
 #: int8 range of the symmetric scheme (-128 unused, so ``-q`` is always representable).
 INT8_LIMIT = 127
 #: The output-channel axis of the canonical bank layout ``[K, C_out, C_in/g, k, k]``.

@@ -1,8 +1,8 @@
 """Test-set accuracy per precision and artifact on the trained digits models, measured.
 
 For each trained model (:data:`odconv_deploy.digits.DIGITS_MODELS`) exports the int8w
-artifacts (ORT, ExecuTorch, Core ML with fp16 compute), the int8 ONNX family (calibrated on the
-model's training split) and the fp16 Core ML package, runs the
+artifacts (ORT, ExecuTorch, Core ML with fp16 compute), the int8 ONNX family and ``.pte``
+(calibrated on the model's training split) and the fp16 Core ML package, runs the
 test set through every runtime that executes them here (Core ML through the MIL executor) and
 writes ``precision_accuracy.json`` / ``.md``: top-1 of each against float32 PyTorch, and the
 agreement with it.
@@ -42,7 +42,8 @@ def measure(name: str) -> list[dict[str, object]]:
                     model, Path(out) / "int8w", list(INT8W_FORMATS), measure_sizes=False,
                     conversions=Conversions(model, "im2col", precision="int8w")),
                 "int8": export_formats(
-                    model, Path(out) / "int8", [ExportFormat.ORT], measure_sizes=False,
+                    model, Path(out) / "int8", [ExportFormat.ORT, ExportFormat.EXECUTORCH],
+                    measure_sizes=False,
                     conversions=Conversions(model, "im2col", precision="int8"),
                     calibration=resolve_calibration("int8", None, spec, zoo_name=name)),
                 "fp16": export_formats(model, Path(out) / "fp16", [ExportFormat.COREML],
@@ -64,7 +65,7 @@ def to_markdown(data: dict[str, object]) -> str:
     lines = ["# Test-set accuracy per precision: the trained digits models", "",
              "Measured by `python -m runtime_bench.precision_accuracy`. int8w: kernel banks int8 "
              "(Core ML computes in fp16); int8: int8w plus the static convs and linears int8 "
-             "in ONNX Runtime (QDQ, calibrated on the training split); fp16: the Core ML "
+             "in ONNX Runtime and XNNPACK (calibrated on the training split); fp16: the Core ML "
              "package in fp16.", ""]
     for name in DIGITS_MODELS:
         rows = [r for r in data["rows"] if r["model"] == name]

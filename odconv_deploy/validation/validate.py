@@ -115,6 +115,16 @@ class ValidationReport:
         return "\n".join(lines) + "\n"
 
 
+def merge_reports(reports: Sequence[ValidationReport]) -> ValidationReport:
+    """One report of several made against different references (names joined by "; ")."""
+    merged = ValidationReport(reference="; ".join(r.reference for r in reports))
+    for report in reports:
+        merged.comparisons += report.comparisons
+        merged.skipped += report.skipped
+        merged.input_issues += [i for i in report.input_issues if i not in merged.input_issues]
+    return merged
+
+
 def _fp16_range_issue(reference: dict[str, np.ndarray]) -> str | None:
     peak = max(float(np.abs(v[np.isfinite(v)]).max(initial=0.0)) for v in reference.values())
     if peak > FP16_MAX:
