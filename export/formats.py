@@ -154,7 +154,7 @@ FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
                _ort_bench("ort"), INT8_PRECISIONS),
     FormatInfo(ExportFormat.COREML, ".mlpackage", "Core ML mlprogram package", (), "coreml",
                _coreml_runners, lambda r, threads: CoreMLRunner(r.path, name="coreml"),
-               ("fp32", "fp16", "int8w")),
+               ("fp32", "fp16", "int8w", "lut6w")),
     FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
                "executorch",
                lambda r: [Candidate(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"),

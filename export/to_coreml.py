@@ -24,12 +24,19 @@ from export.result import (
 from odconv_deploy._atomic import atomic_output
 from odconv_deploy.errors import require_backend
 from odconv_deploy.io_spec import IOSpec
-from odconv_deploy.quantize import has_int8_banks, weight_storage
+from odconv_deploy.quantize import (
+    LUT_BITS,
+    has_int8_banks,
+    has_palettized_banks,
+    weight_storage,
+)
 
 PRECISIONS = ("fp16", "fp32")
 DEPLOYMENT_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18")
 #: The first deployment target whose opset coremltools quantizes a constant bank in.
 INT8_BANK_TARGET = "iOS17"
+#: Palettized banks (``lut6w``): ``constexpr_lut_to_dense`` exists from iOS16 on.
+LUT_BANK_TARGET = "iOS16"
 #: CoreML rejects tensors above this rank.
 MAX_COREML_RANK = 5
 
@@ -67,6 +74,28 @@ def check_mil_program(program: object) -> dict[str, object]:
             if not isinstance(channels, int):
                 suspicious.append(op.name)
     return {"max_rank": max_rank, "conv_groups": groups, "batch_dependent_convs": suspicious}
+
+
+def _palettize_losslessly(ct: object, mlmodel: object, nbits: int) -> object:
+    """Every constant with at most ``2**nbits`` distinct values stored as a lookup table.
+
+    The palettized banks take that many values by construction
+    (:func:`odconv_deploy.quantize.palettize_kernel_banks`), so coremltools' ``unique`` mode
+    stores them exactly: the artifact computes what the palettized PyTorch model does.
+    """
+    import coremltools.optimize.coreml as cto
+
+    meta = cto.get_weights_metadata(mlmodel, weight_threshold=2 ** nbits)
+    names = [name for name, m in meta.items() if m.unique_values <= 2 ** nbits]
+    if not names:
+        raise ExportError("No constant of the Core ML program has the palettized banks' "
+                          f"{2 ** nbits} values (a conversion changed them?). Note: export in "
+                          "fp32 and report this with the model.")
+    config = cto.OptimizationConfig(op_name_configs={
+        name: cto.OpPalettizerConfig(mode="unique", weight_threshold=1) for name in names})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cto.palettize_weights(mlmodel, config)
 
 
 def export_coreml(
@@ -108,16 +137,17 @@ def export_coreml(
     ct = require_backend("coremltools", extra="coreml", purpose="CoreML export")
     if precision not in PRECISIONS:
         raise ExportError(f"Unknown precision {precision!r}; expected one of {PRECISIONS}.")
-    int8_banks = has_int8_banks(model)
+    int8_banks, lut_banks = has_int8_banks(model), has_palettized_banks(model)
+    needed = INT8_BANK_TARGET if int8_banks else LUT_BANK_TARGET if lut_banks else "iOS15"
     if minimum_deployment_target is None:
-        minimum_deployment_target = INT8_BANK_TARGET if int8_banks else "iOS15"
+        minimum_deployment_target = needed
     if minimum_deployment_target not in DEPLOYMENT_TARGETS:
         raise ExportError(f"Unknown deployment target {minimum_deployment_target!r}; expected "
                           f"one of {DEPLOYMENT_TARGETS}.")
-    if int8_banks and (DEPLOYMENT_TARGETS.index(minimum_deployment_target)
-                       < DEPLOYMENT_TARGETS.index(INT8_BANK_TARGET)):
+    if DEPLOYMENT_TARGETS.index(minimum_deployment_target) < DEPLOYMENT_TARGETS.index(needed):
+        kind = "int8" if int8_banks else "palettized"
         raise ExportError(
-            f"int8 kernel banks need minimum_deployment_target {INT8_BANK_TARGET} or later "
+            f"{kind} kernel banks need minimum_deployment_target {needed} or later "
             f"(coremltools makes them constexpr ops from that opset on); got "
             f"{minimum_deployment_target}. Note: leave the target unset, or export in fp32.")
     prepared = prepare_model(model, strategy=strategy, target="coreml",
@@ -144,6 +174,8 @@ def export_coreml(
     except Exception as exc:
         raise ExportError(f"CoreML conversion of {prepared.name} failed: {root_cause(exc)}"
                           ) from exc
+    if lut_banks:
+        mlmodel = _palettize_losslessly(ct, mlmodel, LUT_BITS)
     facts = check_mil_program(mlmodel._mil_program)
     if facts["max_rank"] > MAX_COREML_RANK or facts["batch_dependent_convs"]:
         raise ExportError(

@@ -20,6 +20,7 @@ from export.run import export_formats
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import describe_io, parse_input_shapes
+from odconv_deploy.quantize import weight_storage
 from odconv_deploy.runners import (
     BackendUnavailableError,
     OnnxRuntimeRunner,
@@ -44,6 +45,13 @@ from odconv_deploy.validation.validate import (
 ROUTING_FORMATS = (ExportFormat.ONNX, ExportFormat.COREML, ExportFormat.EXECUTORCH)
 #: The reference of an int8w run: the deploy model with its kernel banks int8.
 QUANTIZED_REFERENCE = "torch int8w (kernel banks int8)"
+#: The reference of a lut6w run: the deploy model with its kernel banks palettized.
+PALETTIZED_REFERENCE = "torch lut6w (kernel banks palettized)"
+
+
+def quantized_reference_name(model: nn.Module) -> str:
+    """The name of a quantized deploy model as a reference (by how it stores its banks)."""
+    return PALETTIZED_REFERENCE if weight_storage(model) == "lut6w" else QUANTIZED_REFERENCE
 #: The reference of an int8 run's ONNX artifacts: the QDQ graph computed as written (float ops
 #: on dequantized values), which ONNX Runtime does with its graph optimisations off.
 INT8_REFERENCE = "int8 QDQ graph as written (onnxruntime, opt off)"
@@ -145,7 +153,8 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
     if quantized:
         if deploy_model is None:
             raise ValueError("quantized=True needs the quantized deploy_model as the reference")
-        reference = TorchRunner(deploy_model, io_spec, name=QUANTIZED_REFERENCE)
+        reference = TorchRunner(deploy_model, io_spec,
+                                name=quantized_reference_name(deploy_model))
         deploy_model = None
     else:
         reference = TorchRunner(model, io_spec, name="torch (train form)")

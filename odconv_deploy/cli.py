@@ -397,11 +397,11 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def _check_recorded_weights(results: list[ExportResult], precision: str) -> None:
     """Refuse artifacts whose recorded weight storage is not the one ``precision`` checks."""
-    expected = precision if precision in ("int8w", "int8") else "float"
+    expected = precision if precision in ("int8w", "int8", "lut6w") else "float"
     for r in results:
         recorded = r.options.get("weights")
         if recorded is not None and recorded != expected:
-            hint = (f"--precision {recorded}" if recorded in ("int8w", "int8")
+            hint = (f"--precision {recorded}" if recorded in ("int8w", "int8", "lut6w")
                     else "the --precision it was exported with")
             raise ODConvDeployError(
                 f"{r.path} stores {recorded} weights (its metadata); --precision {precision} "

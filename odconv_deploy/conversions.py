@@ -25,7 +25,12 @@ from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.io_spec import io_spec_to_dict
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d, ort_nchwc_block
-from odconv_deploy.quantize import check_precision_name, quantize_kernel_banks, stores_int8_banks
+from odconv_deploy.quantize import (
+    check_precision_name,
+    palettize_kernel_banks,
+    quantize_kernel_banks,
+    stores_int8_banks,
+)
 from odconv_deploy.reparameterize import (
     ConversionResult,
     LayerConversion,
@@ -75,20 +80,28 @@ class Conversions:
         self.progress = progress
         self.performed = 0
         self._specs = [inspect_odconv(layer, name) for name, layer in find_odconv_layers(model)]
-        if precision == "int8w" and not self._specs:
+        if precision in ("int8w", "lut6w") and not self._specs:
             raise ODConvDeployError(
-                f"{type(model).__name__} has no ODConv layer, so int8w has no kernel bank to "
-                "store int8. Note: int8w quantizes ODConv banks only; use --precision fp32.")
+                f"{type(model).__name__} has no ODConv layer, so {precision} has no kernel bank "
+                f"to compress. Note: {precision} compresses ODConv banks only; use --precision "
+                "fp32.")
         self._cache: dict[tuple[str, ...], ConversionResult] = {}
         if stored is not None:
             result, target, dynamic_batch = stored
             key = self.plan(target, dynamic_batch)
             # int8w may plan other forms than the stored conversion has (see _auto_target).
             if result.strategy == strategy and tuple(x.form for x in result.layers) == key:
-                if stores_int8_banks(precision):
-                    result = replace(result, model=quantize_kernel_banks(result.model),
-                                     float_model=result.model)
-                self._cache[key] = result
+                self._cache[key] = self._quantized(result)
+
+    def _quantized(self, result: ConversionResult) -> ConversionResult:
+        """``result`` with its banks stored as the precision says (the float model kept)."""
+        if stores_int8_banks(self.precision):
+            return replace(result, model=quantize_kernel_banks(result.model),
+                           float_model=result.model)
+        if self.precision == "lut6w":
+            return replace(result, model=palettize_kernel_banks(result.model),
+                           float_model=result.model)
+        return result
 
     @property
     def layer_count(self) -> int:
@@ -127,10 +140,7 @@ class Conversions:
                 result = convert_model(self.model, strategy=self.strategy,
                                        target=self._auto_target(target),
                                        dynamic_batch=dynamic_batch)
-                if stores_int8_banks(self.precision):
-                    result = replace(result, model=quantize_kernel_banks(result.model),
-                                     float_model=result.model)
-                self._cache[key] = result
+                self._cache[key] = self._quantized(result)
                 self.performed += 1
         return self._cache[key]
 

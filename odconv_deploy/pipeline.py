@@ -313,10 +313,10 @@ class _Pipeline:
 
     def validate(self) -> StepOutcome:
         from export.validation import (
-            QUANTIZED_REFERENCE,
             accuracy_table,
             candidates_for,
             int8_references,
+            quantized_reference_name,
         )
         from odconv_deploy.runners import TorchRunner
         from odconv_deploy.validation.validate import merge_reports, validate
@@ -324,7 +324,7 @@ class _Pipeline:
         spec = self.loaded.io_spec
         train = TorchRunner(self.loaded.model, spec, name="torch (train form)")
         precision = self.conversions.precision
-        quantized = precision in ("int8w", "int8")
+        quantized = self.conversions.get("torch").float_model is not None
         data: dict[str, object] = {}
         if precision == "int8":
             # Each int8 artifact's own semantics is its reference (the QDQ graph as written,
@@ -338,9 +338,9 @@ class _Pipeline:
             self.report.sections["Quantization drift"] = "\n".join(
                 [self.report.sections.get("Quantization drift", ""), *drifts])
         elif quantized:
-            # An int8w artifact must compute what the quantized model does (exactly, at the
-            # fp32 rule); its distance from float32 is the drift, reported by convert.
-            groups = [(TorchRunner(self.deploy, spec, name=QUANTIZED_REFERENCE),
+            # An int8w or lut6w artifact must compute what the quantized model does (exactly,
+            # at the float rules); its distance from float32 is the drift, reported by convert.
+            groups = [(TorchRunner(self.deploy, spec, name=quantized_reference_name(self.deploy)),
                        candidates_for(self.exports, io_spec=spec))]
         else:
             groups = [(train, candidates_for(self.exports, deploy_model=self.deploy,
@@ -359,7 +359,8 @@ class _Pipeline:
             from odconv_deploy.digits import load_digits_test
 
             test = load_digits_test(self.loaded.zoo_name)
-            deploy_name = QUANTIZED_REFERENCE if quantized else "torch (deploy form)"
+            deploy_name = (quantized_reference_name(self.deploy) if quantized
+                           else "torch (deploy form)")
             rows = accuracy_table(train, candidates_for(self.exports, deploy_model=self.deploy,
                                                         io_spec=spec, deploy_name=deploy_name),
                                   test.images, test.labels, batch=8)

@@ -2,7 +2,7 @@
 
 For each trained model (:data:`odconv_deploy.digits.DIGITS_MODELS`) exports the int8w
 artifacts (ORT, ExecuTorch, Core ML with fp16 compute), the int8 ONNX family and ``.pte``
-(calibrated on the model's training split) and the fp16 Core ML package, runs the
+(calibrated on the model's training split), the lut6w and fp16 Core ML packages, runs the
 test set through every runtime that executes them here (Core ML through the MIL executor) and
 writes ``precision_accuracy.json`` / ``.md``: top-1 of each against float32 PyTorch, and the
 agreement with it.
@@ -46,6 +46,9 @@ def measure(name: str) -> list[dict[str, object]]:
                     measure_sizes=False,
                     conversions=Conversions(model, "im2col", precision="int8"),
                     calibration=resolve_calibration("int8", None, spec, zoo_name=name)),
+                "lut6w": export_formats(
+                    model, Path(out) / "lut6w", [ExportFormat.COREML], measure_sizes=False,
+                    conversions=Conversions(model, "im2col", precision="lut6w")),
                 "fp16": export_formats(model, Path(out) / "fp16", [ExportFormat.COREML],
                                        precision="fp16", measure_sizes=False)}
         failed = [f"{r.format.value}: {r.error}" for rs in made.values() for r in rs if not r.ok]
@@ -65,8 +68,9 @@ def to_markdown(data: dict[str, object]) -> str:
     lines = ["# Test-set accuracy per precision: the trained digits models", "",
              "Measured by `python -m runtime_bench.precision_accuracy`. int8w: kernel banks int8 "
              "(Core ML computes in fp16); int8: int8w plus the static convs and linears int8 "
-             "in ONNX Runtime and XNNPACK (calibrated on the training split); fp16: the Core ML "
-             "package in fp16.", ""]
+             "in ONNX Runtime and XNNPACK (calibrated on the training split); lut6w: kernel banks "
+             "palettized to 64 values (Core ML, fp16 compute); fp16: the Core ML package in "
+             "fp16.", ""]
     for name in DIGITS_MODELS:
         rows = [r for r in data["rows"] if r["model"] == name]
         if not rows:

@@ -1,4 +1,4 @@
-"""Artifact sizes per precision: every format in fp32, int8w and int8 where made, and fp16.
+"""Artifact sizes per precision: every format in fp32, int8w and int8 where made, fp16, lut6w.
 
 Exports one model (default od_resnet18, kernel_num 4, 224x224) in each precision and writes
 ``precision_sizes.json`` / ``.md`` with the file sizes, the kernel-bank share of each and the
@@ -27,7 +27,7 @@ from runtime_bench.report import write_result_files
 
 #: (precision, Core ML compute precision) pairs measured; the first is the baseline.
 VARIANTS = (("fp32", "fp32"), ("fp16", "fp16"), ("int8w", "fp16"), ("int8w", "fp32"),
-            ("int8", "fp16"))
+            ("int8", "fp16"), ("lut6w", "fp16"))
 ALL_FORMATS = (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT,
                ExportFormat.EXECUTORCH, ExportFormat.COREML)
 
@@ -38,7 +38,7 @@ def measure(model_name: str, kernel_num: int) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for precision, coreml_precision in VARIANTS:
         calibration = None
-        if precision == "fp16":
+        if precision in ("fp16", "lut6w"):
             formats = [ExportFormat.COREML]
         elif precision == "int8":
             formats = [f for f in ALL_FORMATS if precision in FORMATS[f].precisions]
