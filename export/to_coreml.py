@@ -7,6 +7,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,6 +75,52 @@ def check_mil_program(program: object) -> dict[str, object]:
             if not isinstance(channels, int):
                 suspicious.append(op.name)
     return {"max_rank": max_rank, "conv_groups": groups, "batch_dependent_convs": suspicious}
+
+
+#: The graph pass appended to coremltools' default pipeline (see :func:`_pass_pipeline`).
+ZERO_BIAS_PASS = "odconv::drop_zero_linear_bias"
+
+
+def _pass_pipeline(ct: object) -> object:
+    """The default coremltools pass pipeline, plus one that drops all-zero ``linear`` biases.
+
+    The PyTorch frontend gives every bias-less ``linear`` a zero bias constant as long as its
+    output: for the kernel aggregation (one ``linear`` over the bank, ``C_out*C_in/g*k*k``
+    outputs) that is a bank row's worth of zeros per layer, 18.8 MB of od_resnet18 k=4's
+    fp32 package. The pass makes each such ``linear`` a ``matmul`` with the weight
+    transposed, which has no bias (MIL's ``linear`` fills a missing one with zeros).
+    """
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
+
+    if ZERO_BIAS_PASS not in PASS_REGISTRY:
+        class drop_zero_linear_bias(AbstractGraphPass):  # noqa: N801 - coremltools' naming
+            def apply(self, prog: object) -> None:
+                for function in prog.functions.values():
+                    self._block(function)
+
+            @block_context_manager
+            def _block(self, block: object) -> None:
+                for op in list(block.operations):
+                    for inner in op.blocks:
+                        self._block(inner)
+                    bias = op.inputs.get("bias") if op.op_type == "linear" else None
+                    if bias is None or bias.val is None or np.any(bias.val):
+                        continue
+                    # MIL's linear fills a missing bias with zeros again: a matmul has none
+                    new = mb.matmul(x=op.inputs["x"], y=op.inputs["weight"], transpose_y=True,
+                                    before_op=op)
+                    if block.try_replace_uses_of_var_after_op(anchor_op=op,
+                                                              old_var=op.outputs[0],
+                                                              new_var=new):
+                        block.remove_ops([op])
+
+        register_pass(namespace="odconv")(drop_zero_linear_bias)
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.append_pass(ZERO_BIAS_PASS)
+    return pipeline
 
 
 def _palettize_losslessly(ct: object, mlmodel: object, nbits: int) -> object:
@@ -170,6 +217,7 @@ def export_coreml(
                 minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
                 compute_precision=(ct.precision.FLOAT16 if precision == "fp16"
                                    else ct.precision.FLOAT32),
+                pass_pipeline=_pass_pipeline(ct),
             )
     except Exception as exc:
         raise ExportError(f"CoreML conversion of {prepared.name} failed: {root_cause(exc)}"

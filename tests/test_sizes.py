@@ -58,3 +58,25 @@ def test_every_bank_is_found_in_onnx_and_coreml_at_its_stored_precision(exported
 def test_no_split_without_odconv_layers(exported):
     results, _ = exported
     assert size_split(results[ExportFormat.ONNX], []) is None
+
+
+def test_core_ml_packages_store_no_zero_bias_for_the_aggregation(tmp_path):
+    """The aggregation's bias-less linear becomes a matmul: no bank row of zeros is stored."""
+    pytest.importorskip("coremltools")
+    import numpy as np
+
+    from export.result import ExportFormat
+    from export.run import export_formats
+    from export.to_coreml import iter_mil_ops
+    from odconv_deploy.digits import load_digits_model
+    from odconv_deploy.runners.mil import load_mil_program
+
+    (result,) = export_formats(load_digits_model(), tmp_path, [ExportFormat.COREML],
+                               measure_sizes=False)
+    assert result.ok, result.error
+    ops = list(iter_mil_ops(load_mil_program(str(result.path))))
+    zeros = [op.name for op in ops if op.op_type == "const" and op.outputs[0].val is not None
+             and np.asarray(op.outputs[0].val).size >= 256
+             and not np.asarray(op.outputs[0].val).any()]
+    assert zeros == []
+    assert sum(op.op_type == "matmul" for op in ops) >= 4  # one aggregation per ODConv layer
