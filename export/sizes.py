@@ -4,7 +4,8 @@ ODConv stores ``K`` kernels per layer, so the banks are most of a model's bytes 
 int8 or fp16 artifact shrinks). Each deploy layer's ``weight`` (its bank) is looked for among
 the artifact's stored tensors by the digest of its values sorted, at the precisions a file
 stores weights in (float32 and float16; int8 for an ``int8w`` bank, whose per-channel scales
-count as the rest): sorting makes the match independent of the layout the
+count as the rest; a ``lut6w`` bank by its decompressed values, counted at the bytes of its
+lookup table and indices): sorting makes the match independent of the layout the
 exporter chose (the im2col form's bank is stored transposed in ONNX). A bank the exporter
 folded into another constant is not found, and the split says how many were: the figure is
 measured, never inferred from the model.
@@ -47,7 +48,7 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.sort(values, axis=None).tobytes()).hexdigest()
 
 
-def _onnx_tensors(result: ExportResult) -> Iterator[np.ndarray]:
+def _onnx_tensors(result: ExportResult) -> Iterator[tuple[np.ndarray, int]]:
     import onnx
     from onnx import numpy_helper
 
@@ -55,10 +56,15 @@ def _onnx_tensors(result: ExportResult) -> Iterator[np.ndarray]:
     for init in graph.initializer:
         value = numpy_helper.to_array(init)
         if value.dtype.kind in "fi":
-            yield value
+            yield value, value.nbytes
 
 
-def _coreml_tensors(result: ExportResult) -> Iterator[np.ndarray]:
+def _coreml_tensors(result: ExportResult) -> Iterator[tuple[np.ndarray, int]]:
+    """Each constant's values and stored bytes.
+
+    A palettized one (``constexpr_lut_to_dense``) gives its decompressed values and the bytes
+    of its lookup table and indices.
+    """
     from odconv_deploy.runners.mil import load_mil_program
     from odconv_deploy.runners.mil.loader import _as_value
 
@@ -66,7 +72,11 @@ def _coreml_tensors(result: ExportResult) -> Iterator[np.ndarray]:
         if op.op_type == "const" and op.outputs[0].val is not None:
             value = np.asarray(_as_value(op.outputs[0].val))
             if value.dtype.kind in "fi":
-                yield value
+                yield value, value.nbytes
+        elif op.op_type == "constexpr_lut_to_dense":
+            stored = sum(np.asarray(_as_value(v.val)).nbytes for v in op.inputs.values()
+                         if v.val is not None)
+            yield np.asarray(op.materialized_val_inference()), stored
 
 
 def size_split(result: ExportResult, banks: list[np.ndarray]) -> dict[str, object] | None:
@@ -85,9 +95,10 @@ def size_split(result: ExportResult, banks: list[np.ndarray]) -> dict[str, objec
     sizes = set(wanted.values())
     read = _coreml_tensors if result.format is ExportFormat.COREML else _onnx_tensors
     found_bytes, found = 0, 0
-    for value in read(result):
+    for value, stored in read(result):
         if value.nbytes in sizes and (key := _digest(value)) in wanted:
-            found_bytes += wanted.pop(key)
+            wanted.pop(key)
+            found_bytes += stored
             found += 1
     return {"kernel_bank_bytes": found_bytes,
             "rest_bytes": max(result.file_size_bytes - found_bytes, 0),

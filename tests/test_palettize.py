@@ -122,3 +122,14 @@ def test_lut6w_keeps_the_top1_of_both_trained_models(tmp_path, name):
     for row in measured:
         assert abs(row.accuracy - rows[0].accuracy) <= 0.005, (row.runner, row.accuracy)
     assert np.isfinite([r.accuracy for r in measured]).all()
+
+
+def test_the_size_split_finds_the_palettized_banks(tinynet, lut_package):
+    from export.sizes import kernel_banks, size_split
+
+    _, conversions = tinynet
+    split = size_split(lut_package, kernel_banks(conversions.get("coreml").model))
+    assert split["banks_found"] == split["banks"] == 4
+    float_bytes = sum(b.nbytes for b in kernel_banks(conversions.get("coreml").float_model))
+    # 6-bit indices and a 64-entry table per bank: about 6/32 of the float32 banks
+    assert 0.15 * float_bytes < split["kernel_bank_bytes"] < 0.25 * float_bytes
