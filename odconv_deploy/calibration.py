@@ -78,6 +78,9 @@ def _read_image(path: Path, shape: tuple[int, ...], io_spec: IOSpec) -> np.ndarr
     """
     image_module = require_backend("PIL.Image", extra="calibration", purpose="Reading images")
     channels, height, width = shape
+    if channels not in (1, 3):
+        raise CalibrationError(f"{path} is an image, and the model takes {channels} channels "
+                               "(images give 1 or 3). Note: calibrate it with .npy arrays.")
     try:
         with image_module.open(path) as img:
             img.load()

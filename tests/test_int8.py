@@ -85,6 +85,9 @@ def test_colour_images_are_not_collapsed_into_a_grey_model(tmp_path):
     save_image(tmp_path / "rgb.png", "RGB", (8, 8), (10, 20, 30))
     with pytest.raises(CalibrationError, match="RGB image; the model takes 1 channel"):
         load_calibration_folder(tmp_path, GREY)
+    four = image_classifier_spec(10, channels=4, size=8, mean=None, std=None)
+    with pytest.raises(CalibrationError, match="the model takes 4 channels"):
+        load_calibration_folder(tmp_path, four)
 
 
 def test_python_data_is_checked_like_a_folder():
