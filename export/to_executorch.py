@@ -189,6 +189,8 @@ def export_executorch(
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_bytes(program.buffer)
         planned_batch = _planned_batch(tmp)
+    if calibration is None:  # an int8 program's reference left beside this one is stale
+        pt2e_reference_path(path).unlink(missing_ok=True)
     by_op = {op: {"delegated": b.delegated, "non_delegated": b.non_delegated}
              for op, b in info.delegation_by_operator.items()}
     fallen = sorted(op for op, b in by_op.items() if b["non_delegated"]

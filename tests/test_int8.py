@@ -389,3 +389,20 @@ def test_a_fixed_batch_graph_calibrates_in_batches_of_its_size(tmp_path):
                        batch_size=4, calibration=calibration_from_data(images[:3],
                                                                        loaded.io_spec))
     assert not (tmp_path / "few").exists()
+
+
+def test_a_float_pte_written_over_an_int8_one_drops_its_stale_reference(tinynet_int8, tmp_path):
+    import shutil
+
+    from export.result import pt2e_reference_path, recorded_weights
+
+    loaded, _, results = tinynet_int8
+    pte = results[ExportFormat.EXECUTORCH].path
+    target = tmp_path / pte.name
+    shutil.copy(pt2e_reference_path(pte), pt2e_reference_path(target))
+    assert recorded_weights(ExportFormat.EXECUTORCH, target) == "int8"
+    (made,) = export_formats(loaded.model, tmp_path, [ExportFormat.EXECUTORCH],
+                             stem=target.name.removesuffix(".pte"), io_spec=loaded.io_spec,
+                             measure_sizes=False)
+    assert made.ok and made.path == target
+    assert recorded_weights(ExportFormat.EXECUTORCH, target) is None
