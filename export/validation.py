@@ -47,16 +47,16 @@ ROUTING_FORMATS = (ExportFormat.ONNX, ExportFormat.COREML, ExportFormat.EXECUTOR
 QUANTIZED_REFERENCE = "torch int8w (kernel banks int8)"
 #: The reference of a lut6w run: the deploy model with its kernel banks palettized.
 PALETTIZED_REFERENCE = "torch lut6w (kernel banks palettized)"
-
-
-def quantized_reference_name(model: nn.Module) -> str:
-    """The name of a quantized deploy model as a reference (by how it stores its banks)."""
-    return PALETTIZED_REFERENCE if weight_storage(model) == "lut6w" else QUANTIZED_REFERENCE
 #: The reference of an int8 run's ONNX artifacts: the QDQ graph computed as written (float ops
 #: on dequantized values), which ONNX Runtime does with its graph optimisations off.
 INT8_REFERENCE = "int8 QDQ graph as written (onnxruntime, opt off)"
 #: The reference of an int8 .pte: the PT2E-converted PyTorch program it was lowered from.
 PT2E_REFERENCE = "torch int8 PT2E program (the .pte's reference)"
+
+
+def quantized_reference_name(model: nn.Module) -> str:
+    """The name of a quantized deploy model as a reference (by how it stores its banks)."""
+    return PALETTIZED_REFERENCE if weight_storage(model) == "lut6w" else QUANTIZED_REFERENCE
 
 
 def int8_references(results: Sequence[object], io_spec: IOSpec
@@ -136,9 +136,10 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
 
     The I/O spec is ``io_spec``, else the model's own or one for ``input_shape`` (as the
     exporters take it), with the outputs named after what the model returns. With
-    ``quantized`` (an ``int8w`` run) the reference is ``deploy_model`` itself, the quantized
-    model the artifacts were made from: they must compute what it computes, at the float32
-    rule (the quantization's own cost is :mod:`odconv_deploy.validation.drift`'s to report).
+    ``quantized`` (an ``int8w`` or ``lut6w`` run) the reference is ``deploy_model`` itself,
+    the quantized model the artifacts were made from: they must compute what it computes, at
+    the float rules (the quantization's own cost is the drift,
+    :mod:`odconv_deploy.validation.drift`).
     With ``int8`` each artifact is checked against its int8 reference (:func:`int8_references`).
     """
     if io_spec is None:
