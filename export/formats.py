@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.result import ExportError, ExportFormat, ExportResult, recorded_weights
+from export.result import ExportError, ExportFormat, ExportResult
 from odconv_deploy.quantize import INT8_STORAGE, check_precision_name
 from odconv_deploy.runners import (
     CoreMLRunner,
@@ -84,7 +84,7 @@ def _ort_levels(tag: str) -> Callable[[ExportResult], ValidationRunners]:
     the int8 rule.
     """
     def runners(result: ExportResult) -> ValidationRunners:
-        int8 = artifact_weights(result) == INT8_STORAGE
+        int8 = _computes_int8(result)
         return [Candidate(OnnxRuntimeRunner(str(result.path), optimization=level,
                                             name=f"onnxruntime {tag} (opt {level})"),
                           "int8" if int8 and level == "full" else "fp32")
@@ -92,21 +92,15 @@ def _ort_levels(tag: str) -> Callable[[ExportResult], ValidationRunners]:
     return runners
 
 
+def _computes_int8(result: ExportResult) -> bool:
+    """Whether an artifact runs int8 kernels (its recorded weight storage is ``int8``)."""
+    return result.options.get("weights") == INT8_STORAGE
+
+
 def _ort_file_runners(result: ExportResult) -> ValidationRunners:
     """The ``.ort`` file in ONNX Runtime (its optimisations were applied when it was made)."""
-    int8 = artifact_weights(result) == INT8_STORAGE
     return [Candidate(OnnxRuntimeRunner(str(result.path), name="onnxruntime (.ort format)"),
-                      "int8" if int8 else "fp32")]
-
-
-def artifact_weights(result: ExportResult) -> str | None:
-    """The weight storage an ONNX-family artifact records (``float``, ``int8w``, ``int8``)."""
-    if result.format is ExportFormat.ORT:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-        return session.get_modelmeta().custom_metadata_map.get("weights")
-    return recorded_weights(result.format, result.path)
+                      "int8" if _computes_int8(result) else "fp32")]
 
 
 def _coreml_runners(result: ExportResult) -> ValidationRunners:
@@ -158,8 +152,7 @@ FORMATS: dict[ExportFormat, FormatInfo] = {info.format: info for info in (
     FormatInfo(ExportFormat.EXECUTORCH, ".pte", "ExecuTorch program (XNNPACK)", (),
                "executorch",
                lambda r: [Candidate(ExecuTorchRunner.from_export(r, name="executorch (xnnpack)"),
-                                    "int8" if r.options.get("weights") == INT8_STORAGE
-                                    else "fp32")],
+                                    "int8" if _computes_int8(r) else "fp32")],
                lambda r, threads: ExecuTorchRunner.from_export(r, threads=threads, name="pte"),
                INT8_PRECISIONS),
 )}

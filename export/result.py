@@ -159,11 +159,16 @@ def pt2e_reference_path(pte: str | os.PathLike) -> Path:
 def recorded_weights(fmt: ExportFormat, path: str | os.PathLike) -> str | None:
     """The weight storage (``float`` / ``int8w`` / ``int8``) an artifact records.
 
-    ONNX and Core ML: their metadata; a ``.pte``: ``int8`` when its int8 reference is beside
-    it. None for other formats and for files without the record (not made by this package).
+    ONNX, ORT and Core ML: their metadata; a ``.pte``: ``int8`` when its int8 reference is
+    beside it. None for files without the record (not made by this package).
     """
     if fmt is ExportFormat.EXECUTORCH:
         return "int8" if pt2e_reference_path(path).is_file() else None
+    if fmt is ExportFormat.ORT:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.get_modelmeta().custom_metadata_map.get("weights")
     if fmt in (ExportFormat.ONNX, ExportFormat.ONNX_SIMPLIFIED):
         import onnx
 

@@ -110,7 +110,8 @@ def export_ort(
         input_shapes=shapes(session.get_inputs()), output_shapes=shapes(session.get_outputs()),
         file_size_bytes=path_size(path),
         options={"source": str(onnx_path), "optimization_style": optimization_style,
-                 "target_platform": target_platform},
+                 "target_platform": target_platform,
+                 "weights": session.get_modelmeta().custom_metadata_map.get("weights")},
         tool_versions=tool_versions("onnxruntime"),
         details={"operator_config": str(config_path), "required_operators": ops},
     )
