@@ -119,10 +119,8 @@ def _reader(base: type, calibration: CalibrationSet, input_names: list[str], bat
     if len(calibration) < batch:
         raise ExportError(f"The graph has a fixed batch of {batch} and the calibration "
                           f"{len(calibration)} samples. Note: give at least {batch}.")
-    samples = calibration.feeds
-    feeds = iter([{n: np.ascontiguousarray(np.concatenate([f[n] for f in samples[i:i + batch]]))
-                   for n in input_names}
-                  for i in range(0, len(samples) - batch + 1, batch)])
+    feeds = iter([{n: np.ascontiguousarray(b[n]) for n in input_names}
+                  for b in calibration.batches(batch, whole_only=True)])
 
     class Reader(base):
         def get_next(self) -> dict[str, np.ndarray] | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -58,16 +57,13 @@ def quantize_program(exported: torch.export.ExportedProgram, names: list[str],
     for name in names:
         quantizer.set_module_name(name, config)
     step = _CALIBRATION_BATCH if dynamic_batch else 1
-    samples = calibration.feeds
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prepared = prepare_pt2e(exported.module(), quantizer)
             with torch.no_grad():
-                for i in range(0, len(samples), step):
-                    chunk = samples[i:i + step]
-                    prepared(*(torch.from_numpy(np.concatenate([f[n] for f in chunk]))
-                               for n in samples[0]))
+                for batch in calibration.batches(step):
+                    prepared(*(torch.from_numpy(v) for v in batch.values()))
             return convert_pt2e(prepared)
     except Exception as exc:
         raise ExportError(f"PT2E quantization (XNNPACKQuantizer) failed: {type(exc).__name__}: "

@@ -15,17 +15,16 @@ model takes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from odconv_deploy.errors import ODConvDeployError, require_backend
-from odconv_deploy.io_spec import IOSpec
+from odconv_deploy.io_spec import IMAGE_SUFFIXES, IOSpec
 
-#: Image files a calibration folder may hold (read with Pillow), besides ``.npy`` arrays.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: The file a calibration folder may hold besides images (:data:`IMAGE_SUFFIXES`).
 ARRAY_SUFFIX = ".npy"
 #: How many samples a calibration uses at most (the first, sorted by file name).
 DEFAULT_LIMIT = 256
@@ -57,6 +56,13 @@ class CalibrationSet:
     def describe(self) -> str:
         """One line: how many samples, from where."""
         return f"{len(self)} samples from {self.source}"
+
+    def batches(self, size: int, *, whole_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """The samples stacked ``size`` at a time (``whole_only``: no shorter last batch)."""
+        end = len(self.feeds) - size + 1 if whole_only else len(self.feeds)
+        for i in range(0, max(end, 0), size):
+            chunk = self.feeds[i:i + size]
+            yield {name: np.concatenate([f[name] for f in chunk]) for name in chunk[0]}
 
 
 def _expected(io_spec: IOSpec) -> tuple[str, tuple[int, ...]]:
@@ -108,10 +114,7 @@ def _read_image(path: Path, shape: tuple[int, ...], io_spec: IOSpec) -> np.ndarr
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a bad file
         raise CalibrationError(f"{path} could not be read as an image ({type(exc).__name__}: "
                                f"{exc}). Note: remove it or replace it.") from exc
-    if io_spec.mean is not None and io_spec.std is not None:
-        pixels = (pixels - np.asarray(io_spec.mean, np.float32)) / np.asarray(io_spec.std,
-                                                                               np.float32)
-    return pixels.transpose(2, 0, 1)
+    return io_spec.normalise(pixels).transpose(2, 0, 1)
 
 
 def _read_array(path: Path, shape: tuple[int, ...]) -> list[np.ndarray]:

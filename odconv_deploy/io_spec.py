@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
+#: Image files read as model inputs (validation images, calibration folders), with Pillow.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 #: ImageNet normalisation used by the reference zoo.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +55,12 @@ class IOSpec:
     def output_names(self) -> list[str]:
         """Output names in return order."""
         return [t.name for t in self.outputs]
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """[0, 1] pixels ``[..., C]`` normalised with the spec's mean and std (if it has them)."""
+        if self.mean is None or self.std is None:
+            return pixels
+        return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
     def with_input_size(self, height: int, width: int) -> IOSpec:
         """The same spec for images of another size (image models with one input)."""

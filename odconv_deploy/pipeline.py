@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -253,10 +252,8 @@ class _Pipeline:
         else:
             # Seeded inputs leave an int8 graph's calibrated ranges (and are clipped there):
             # its drift is measured on the calibration samples, in-sample.
-            samples = self.calibration.feeds
-            feeds = [{n: np.concatenate([f[n] for f in samples[i:i + 8]]) for n in samples[0]}
-                     for i in range(0, len(samples), 8)]
-            inputs = f"the {len(samples)} calibration samples (in-sample)"
+            feeds = list(self.calibration.batches(8))
+            inputs = f"the {len(self.calibration)} calibration samples (in-sample)"
         precision = precision or self.o.precision
         reports = [quantization_drift(float_deploy, quantized, feeds, names,
                                       precision=precision, inputs=inputs,

@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from odconv_deploy.errors import InputShapeError, require_backend
-from odconv_deploy.io_spec import IOSpec
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from odconv_deploy.io_spec import IMAGE_SUFFIXES, IOSpec
 
 
 def seeded_feed(io_spec: IOSpec, batch: int, *, seed: int = 0) -> dict[str, np.ndarray]:
@@ -53,10 +51,7 @@ def image_folder_feed(folder: str | os.PathLike, io_spec: IOSpec, batch: int
         with image_module.open(path) as img:
             img = img.convert(mode).resize((width, height), image_module.BILINEAR)
             arr = np.asarray(img, dtype=np.float32).reshape(height, width, channels) / 255.0
-        if io_spec.mean is not None and io_spec.std is not None:
-            arr = (arr - np.asarray(io_spec.mean, np.float32)) / np.asarray(io_spec.std,
-                                                                             np.float32)
-        arrays.append(arr.transpose(2, 0, 1))
+        arrays.append(io_spec.normalise(arr).transpose(2, 0, 1))
     return {spec.name: np.stack(arrays).astype(np.float32)}
 
 
