@@ -18,17 +18,20 @@ from export.quantize_pt2e import load_reference
 from export.result import ExportFormat
 from export.run import export_formats
 from odconv_deploy.conversions import Conversions
+from odconv_deploy.devices import Device, DeviceRunner
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import describe_io, parse_input_shapes
 from odconv_deploy.quantize import weight_storage
 from odconv_deploy.runners import (
     BackendUnavailableError,
+    ExecuTorchRunner,
     OnnxRuntimeRunner,
     Runner,
     TorchRunner,
 )
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES
 from odconv_deploy.validation.golden import Golden, GoldenRunner, check_golden_artifact
+from odconv_deploy.validation.on_device import on_device_report
 from odconv_deploy.validation.probes import ProbedModel
 from odconv_deploy.validation.routing import RoutingReport, RunnerRouting, check_routing
 from odconv_deploy.validation.validate import (
@@ -54,19 +57,71 @@ INT8_REFERENCE = "int8 QDQ graph as written (onnxruntime, opt off)"
 PT2E_REFERENCE = "torch int8 PT2E program (the .pte's reference)"
 
 
+#: The artifact of each runtime a device runs: the one users ship (the ``.ort`` file, else the
+#: simplified ONNX, else the ONNX; the ``.pte``).
+DEVICE_FORMATS = ((ExportFormat.ORT, ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ONNX),
+                  (ExportFormat.EXECUTORCH,))
+
+
+def device_artifacts(results: Sequence[object]) -> list[object]:
+    """The artifacts a device runs (:data:`DEVICE_FORMATS`), among those exported."""
+    chosen = []
+    for preference in DEVICE_FORMATS:
+        found = next((r for fmt in preference for r in results if r.ok and r.format is fmt),
+                     None)
+        if found is not None:
+            chosen.append(found)
+    return chosen
+
+
+def device_candidates(results: Sequence[object], devices: Sequence[Device]
+                      ) -> list[Candidate]:
+    """A device runner per device and shipped artifact, at the rule its host runner takes.
+
+    int8 kernels are held to the int8 rule, everything else to the float32 rule.
+    """
+    return [Candidate(DeviceRunner.from_export(device, r, name=f"{r.format.value} @ "
+                                                              f"{device.name}"),
+                      "int8" if r.options.get("weights") == "int8" else "fp32")
+            for device in devices for r in device_artifacts(results)]
+
+
+def host_twin(runner: DeviceRunner) -> Runner:
+    """The same artifact in the same runtime on this host.
+
+    A device's outputs are compared with it beside PyTorch.
+    """
+    if runner.runtime == "onnxruntime":
+        return OnnxRuntimeRunner(runner.path, name=f"onnxruntime (host) {runner.path.name}")
+    return ExecuTorchRunner(runner.path, input_names=runner.input_names,
+                            input_shapes=runner.input_shapes, output_names=runner.output_names,
+                            max_batch=runner.max_batch, name=f"executorch (host) "
+                                                             f"{runner.path.name}")
+
+
+def _with_on_device(report: ValidationReport, devices: Sequence[Device],
+                    candidates: Sequence[Candidate]) -> ValidationReport:
+    if devices:
+        report.on_device = on_device_report(
+            devices, [c.runner for c in candidates if isinstance(c.runner, DeviceRunner)],
+            host_twin)
+    return report
+
+
 def quantized_reference_name(model: nn.Module) -> str:
     """The name of a quantized deploy model as a reference (by how it stores its banks)."""
     return PALETTIZED_REFERENCE if weight_storage(model) == "lut6w" else QUANTIZED_REFERENCE
 
 
-def int8_references(results: Sequence[object], io_spec: IOSpec
-                    ) -> list[tuple[Runner, list[Candidate]]]:
+def int8_references(results: Sequence[object], io_spec: IOSpec,
+                    devices: Sequence[Device] = ()) -> list[tuple[Runner, list[Candidate]]]:
     """The references of an int8 run's artifacts, each with the runners checked against it.
 
     ONNX family: the ``.onnx`` (else ``.sim.onnx``) run with optimisations off, the graph as
     written; its other runners are the candidates (graphs as written at the float32 rule, int8
     kernels at the int8 rule). ExecuTorch: the PT2E-converted PyTorch program saved beside the
-    ``.pte`` (:mod:`export.quantize_pt2e`), against which XNNPACK's int8 kernels run.
+    ``.pte`` (:mod:`export.quantize_pt2e`), against which XNNPACK's int8 kernels run. The
+    device runners of ``devices`` join the group of their artifact.
 
     Raises:
         ValueError: No artifact was exported.
@@ -85,11 +140,12 @@ def int8_references(results: Sequence[object], io_spec: IOSpec
         groups.append((reference, [
             c for c in candidates_for(onnx_family)
             if not (isinstance(c.runner, OnnxRuntimeRunner)
-                    and c.runner.path == reference.path and c.runner.optimization == "off")]))
+                    and c.runner.path == reference.path and c.runner.optimization == "off")]
+            + device_candidates(onnx_family, devices)))
     for pte in (r for r in results if r.ok and r.format is ExportFormat.EXECUTORCH):
         program = load_reference(pte.path)
         groups.append((TorchRunner(program, io_spec, name=PT2E_REFERENCE),
-                       candidates_for([pte])))
+                       candidates_for([pte]) + device_candidates([pte], devices)))
     if not groups:
         raise ValueError("no int8 artifact was exported, so there is nothing to validate")
     return groups
@@ -97,12 +153,15 @@ def int8_references(results: Sequence[object], io_spec: IOSpec
 
 def validate_int8(results: Sequence[object], io_spec: IOSpec, *, batches: Sequence[int] = (1, 3),
                   seed: int = 0, image_folder: str | None = None,
+                  devices: Sequence[Device] = (),
                   progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
     """Every int8 artifact against its reference (:func:`int8_references`), one report."""
+    groups = int8_references(results, io_spec, devices)
     reports = [validate(reference, candidates, io_spec, batches=batches, seed=seed,
                         image_folder=image_folder, progress=progress)
-               for reference, candidates in int8_references(results, io_spec)]
-    return merge_reports(reports)
+               for reference, candidates in groups]
+    return _with_on_device(merge_reports(reports), devices,
+                           [c for _, candidates in groups for c in candidates])
 
 
 def candidates_for(results: Sequence[object], *, deploy_model: nn.Module | None = None,
@@ -131,6 +190,7 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                        deploy_model: nn.Module | None = None, batches: Sequence[int] = (1, 3),
                        seed: int = 0, image_folder: str | None = None,
                        quantized: bool = False, int8: bool = False,
+                       devices: Sequence[Device] = (),
                        progress: Callable[[str], None] = lambda _: None) -> ValidationReport:
     """Check every artifact (and the deploy form) against the PyTorch model ``model``.
 
@@ -141,6 +201,8 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
     the float rules (the quantization's own cost is the drift,
     :mod:`odconv_deploy.validation.drift`).
     With ``int8`` each artifact is checked against its int8 reference (:func:`int8_references`).
+    With ``devices`` the shipped artifacts (:func:`device_artifacts`) also run on each device,
+    at the same rules, and the report gets its "on device" section.
     """
     if io_spec is None:
         declared = getattr(model, "io_spec", None)
@@ -150,7 +212,7 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
                                      declared if isinstance(declared, IOSpec) else None, inputs)
     if int8:
         return validate_int8(results, io_spec, batches=batches, seed=seed,
-                             image_folder=image_folder, progress=progress)
+                             image_folder=image_folder, devices=devices, progress=progress)
     if quantized:
         if deploy_model is None:
             raise ValueError("quantized=True needs the quantized deploy_model as the reference")
@@ -159,10 +221,11 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
         deploy_model = None
     else:
         reference = TorchRunner(model, io_spec, name="torch (train form)")
-    return validate(reference, candidates_for(results, deploy_model=deploy_model,
-                                              io_spec=io_spec),
-                    io_spec, batches=batches, seed=seed, image_folder=image_folder,
-                    progress=progress)
+    candidates = (candidates_for(results, deploy_model=deploy_model, io_spec=io_spec)
+                  + device_candidates(results, devices))
+    return _with_on_device(validate(reference, candidates, io_spec, batches=batches, seed=seed,
+                                    image_folder=image_folder, progress=progress),
+                           devices, candidates)
 
 
 def check_against_golden(golden: Golden, result: object, *, classifier: bool = False,

@@ -1,4 +1,4 @@
-"""Command-line interface: ``odconv-deploy {models,convert,export,validate,bench,run}``.
+"""Command-line interface: ``odconv-deploy {models,convert,export,validate,bench,run,device}``.
 
 A thin layer over the API. Every command checks its arguments and its output paths before
 any long work starts. Third-party chatter goes to a log file in the output folder (``-v``
@@ -332,6 +332,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
             raise ODConvDeployError(f"Artifact {path} does not exist.")
     batches = args.batch or ([1, 3] if args.dynamic_batch else [args.fixed_batch])
     golden = _golden_before_work(args)
+    devices = _devices(args, console)
     with tempfile.TemporaryDirectory(prefix="odconv_validate_") as tmp, \
             _quiet(console, args.out) as log:
         loaded = _load(args, console)
@@ -359,7 +360,7 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
                                     deploy_model=deploy.model, batches=batches, seed=args.seed,
                                     image_folder=args.images,
                                     quantized=deploy.float_model is not None,
-                                    int8=args.precision == "int8",
+                                    int8=args.precision == "int8", devices=devices,
                                     progress=lambda s: console.progress(f"-> {s} ..."))
         routing = None
         if not given and not args.no_routing:
@@ -557,6 +558,83 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
+def _devices(args: argparse.Namespace, console: Console) -> list[object]:
+    """The ``--device`` values as devices, each checked (before any long work).
+
+    A malformed or unknown device is a user error; one that is unreachable or lacks a
+    runtime is said here and becomes that device's failures in the report.
+    """
+    from odconv_deploy.devices import parse_device
+
+    devices = [parse_device(spec) for spec in dict.fromkeys(args.device or [])]
+    for device in devices:
+        console.progress(f"-> check device {device.name} ...")
+        console.info(_device_line(device.check()))
+    return devices
+
+
+def _device_line(check: object) -> str:
+    cpu = check.details.get("cpu") or {}
+    head = f"device {check.device}: " + ("ok" if check.ok else "FAILED: " + "; ".join(
+        check.problems or ["no runtime"]))
+    facts = [f"CPU {cpu.get('model', '?')} ({' '.join(cpu.get('features', [])) or '-'})"
+             if cpu else None,
+             ", ".join(f"{k} {v}" for k, v in check.runtimes.items()) or None,
+             *(f"{k} missing: {v}" for k, v in check.missing.items())]
+    if check.details.get("emulated"):
+        facts.append("emulated: numerics only, no latency")
+    return head + "".join(f"; {f}" for f in facts if f)
+
+
+def _cmd_device(args: argparse.Namespace, console: Console) -> int:
+    from odconv_deploy.devices import ARM64_CPUS, DEFAULT_CPU, PLANNED, parse_device
+    from odconv_deploy.devices.provision import (
+        arm64_layout,
+        cache_root,
+        ensure_host_bundle,
+        folder_bytes,
+        setup_arm64,
+    )
+
+    if args.action == "list":
+        layout = arm64_layout()
+        missing = layout.missing()
+        state = (f"set up in {layout.root} ({folder_bytes(layout.root) / 1e6:.0f} MB)"
+                 if not missing else f"not set up (missing: {', '.join(missing)}; run "
+                 "'odconv-deploy device setup arm64-emu')")
+        console.info("host: this machine, through the device runners")
+        console.info(f"arm64-emu[:CPU]: an emulated ARM64 core under QEMU, numerics only; "
+                     f"{state}")
+        for cpu, what in ARM64_CPUS.items():
+            console.info(f"  {cpu}{' (default)' if cpu == DEFAULT_CPU else ''}: {what}")
+        console.info("ssh://user@host[:port][?key=PATH&python=PATH&workdir=PATH&known_hosts="
+                     "PATH]: an x86-64 or aarch64 Linux machine")
+        for kind, why in PLANNED.items():
+            console.info(f"{kind}: {why}")
+        console.info(f"cache: {cache_root()} ($ODCONV_DEPLOY_CACHE)")
+        return EXIT_OK
+    devices = [parse_device(spec) for spec in args.devices or ["arm64-emu"]]
+    ok = True
+    for device in devices:
+        if args.action == "setup":
+            if device.kind == "arm64-emu":
+                report = setup_arm64(progress=lambda s: console.progress(f"-> {s} ..."))
+                for part, how in report.parts.items():
+                    console.info(f"made {part}: {how}")
+                for part, why in report.failures.items():
+                    console.info(f"could not make {part}: {why}")
+                console.info(f"arm64-emu uses {report.disk_bytes / 1e6:.0f} MB in "
+                             f"{arm64_layout().root}" + ("" if report.parts else
+                                                          " (already set up)"))
+            elif device.kind == "host":
+                console.info(f"host: ExecuTorch runner in {ensure_host_bundle()}")
+        console.progress(f"-> check device {device.name} ...")
+        check = device.check(refresh=True)
+        console.info(_device_line(check))
+        ok &= check.ok
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
 # -- the parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults are shown in ``--help``)."""
@@ -631,6 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int8: 7-bit weights, for x86 CPUs without VNNI (their U8S8 "
                        "kernels can saturate); ARM does not need it")
 
+    def device_arg(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--device", action="append", default=None, metavar="DEVICE",
+                       help=f"also {what} on this device (repeatable): host, arm64-emu[:CPU] "
+                       "(emulated ARM64 core, numerics only), ssh://user@host[:port]; see "
+                       "'odconv-deploy device list'")
+
     def exported_set_args(p: argparse.ArgumentParser) -> None:
         """Batch axis and ONNX target of the artifacts a command exports."""
         batch_mode_args(p, "bake batch N into the artifacts instead of a dynamic batch axis "
@@ -695,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs) against the outputs recorded in DIR")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     precision_arg(p)
+    device_arg(p, "run the .ort (else .sim.onnx/.onnx) and .pte and compare them")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="latency of a model beside its static twin",
@@ -738,7 +823,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="threads for the benchmark")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     precision_arg(p)
+    device_arg(p, "validate and benchmark the shipped artifacts")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("device", help="set up, list and check the devices artifacts run on",
+                       formatter_class=fmt)
+    p.add_argument("action", choices=["setup", "list", "check"],
+                   help="setup: fetch and cache what a device needs (arm64-emu: QEMU, an arm64 "
+                   "sysroot, the aarch64 runtimes) and check it; list: the device kinds; "
+                   "check: reachable, runtimes, CPU")
+    p.add_argument("devices", nargs="*", metavar="DEVICE",
+                   help="host, arm64-emu[:CPU], ssh://user@host[:port] (default: arm64-emu)")
+    common(p)
+    p.set_defaults(func=_cmd_device)
     return parser
 
 

@@ -6,7 +6,7 @@ above (docs/architecture.md explains each):
 0. foundation: errors, atomic output, I/O spec, output naming, console
 1. layers: the ODConv layer forms, their spec, the pure fusion maths, int8 weight storage
 2. core: detection, models, weights, checkpoints, complexity, the auto rules
-3. runners: every runtime's runner (the MIL executor among them)
+3. runners: every runtime's runner (the MIL executor among them), and the devices they run on
 4. conversion: conversion, the run's conversions, static twins, model sources
 5. validation: comparison, inputs, the validation loop
 6. export: exporters, the format table, artifact validation
@@ -35,7 +35,7 @@ LAYERS = [
     ("odconv_deploy.checkpoint", 2), ("odconv_deploy.complexity", 2),
     ("odconv_deploy.strategy_choice", 2), ("odconv_deploy.digits", 2),
     ("odconv_deploy.calibration", 2),
-    ("odconv_deploy.runners", 3),
+    ("odconv_deploy.runners", 3), ("odconv_deploy.devices", 3),
     ("odconv_deploy.reparameterize", 4), ("odconv_deploy.conversions", 4),
     ("odconv_deploy.static_twin", 4), ("odconv_deploy.model_source", 4),
     ("odconv_deploy.validation", 5),

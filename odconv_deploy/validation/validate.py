@@ -15,6 +15,7 @@ from odconv_deploy.status import Status
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.validation.compare import DEFAULT_TOLERANCES, Comparison, Tolerance, compare
 from odconv_deploy.validation.inputs import feed_issues, validation_feeds
+from odconv_deploy.validation.on_device import OnDeviceReport, merge_on_device
 
 FP16_MAX = 65504.0
 
@@ -68,6 +69,8 @@ class ValidationReport:
     comparisons: list[Comparison] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (runner, reason)
     input_issues: list[str] = field(default_factory=list)
+    #: The "on device" section, when devices were asked for.
+    on_device: OnDeviceReport | None = None
 
     @property
     def passed(self) -> bool:
@@ -87,7 +90,8 @@ class ValidationReport:
                 "status": self.status.value,
                 "input_issues": self.input_issues,
                 "skipped": [{"runner": r, "reason": why} for r, why in self.skipped],
-                "comparisons": [c.to_dict() for c in self.comparisons]}
+                "comparisons": [c.to_dict() for c in self.comparisons],
+                "on_device": None if self.on_device is None else self.on_device.to_dict()}
 
     def to_json(self) -> str:
         """The report as JSON."""
@@ -112,6 +116,8 @@ class ValidationReport:
                   for c in self.comparisons if c.tolerance not in defaults]
         lines += [f"- input issue: {i}" for i in self.input_issues]
         lines += [f"- skipped {r}: {why}" for r, why in self.skipped]
+        if self.on_device is not None:
+            lines += ["", self.on_device.to_markdown().rstrip("\n")]
         return "\n".join(lines) + "\n"
 
 
@@ -122,6 +128,7 @@ def merge_reports(reports: Sequence[ValidationReport]) -> ValidationReport:
         merged.comparisons += report.comparisons
         merged.skipped += report.skipped
         merged.input_issues += [i for i in report.input_issues if i not in merged.input_issues]
+    merged.on_device = merge_on_device([r.on_device for r in reports])
     return merged
 
 
