@@ -99,8 +99,9 @@ def host_twin(runner: DeviceRunner) -> Runner:
                                                              f"{runner.path.name}")
 
 
-def _with_on_device(report: ValidationReport, devices: Sequence[Device],
-                    candidates: Sequence[Candidate]) -> ValidationReport:
+def attach_on_device(report: ValidationReport, devices: Sequence[Device],
+                     candidates: Sequence[Candidate]) -> ValidationReport:
+    """``report`` with its "on device" section for ``devices`` (none when no device)."""
     if devices:
         report.on_device = on_device_report(
             devices, [c.runner for c in candidates if isinstance(c.runner, DeviceRunner)],
@@ -160,7 +161,7 @@ def validate_int8(results: Sequence[object], io_spec: IOSpec, *, batches: Sequen
     reports = [validate(reference, candidates, io_spec, batches=batches, seed=seed,
                         image_folder=image_folder, progress=progress)
                for reference, candidates in groups]
-    return _with_on_device(merge_reports(reports), devices,
+    return attach_on_device(merge_reports(reports), devices,
                            [c for _, candidates in groups for c in candidates])
 
 
@@ -223,7 +224,7 @@ def validate_artifacts(model: nn.Module, results: Sequence[object], *,
         reference = TorchRunner(model, io_spec, name="torch (train form)")
     candidates = (candidates_for(results, deploy_model=deploy_model, io_spec=io_spec)
                   + device_candidates(results, devices))
-    return _with_on_device(validate(reference, candidates, io_spec, batches=batches, seed=seed,
+    return attach_on_device(validate(reference, candidates, io_spec, batches=batches, seed=seed,
                                     image_folder=image_folder, progress=progress),
                            devices, candidates)
 

@@ -486,6 +486,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
         raise ODConvDeployError("Give --input-shape or --resolution, not both.")
     settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations,
                                budget_s=args.budget, fresh_process=args.fresh_process)
+    devices = _devices(args, console)
     with _quiet(console, args.out) as log:
         if args.resolution:
             args.input_shape = _square_input(args, console, args.resolution)
@@ -497,7 +498,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             settings=settings, out=args.out, overwrite=args.overwrite)
         report = benchmark(loaded, config, conversions=conversions,
                            calibration=_calibration(args, loaded, console),
-                           reduce_range=args.int8_reduce_range,
+                           reduce_range=args.int8_reduce_range, devices=devices,
                            progress=lambda s: console.progress(f"-> {s}"))
         files = write_report(report, args.out, overwrite=args.overwrite)
     console.info(to_markdown(report))
@@ -543,6 +544,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         args.bench_formats, DEFAULT_BENCH_FORMATS, args.precision, console))
     check_precision(args.precision, formats + _bench_artifacts(bench_formats))
     check_writable(Path(args.out) / "report.json", overwrite=args.overwrite)
+    _devices(args, console)  # a malformed one is refused here; a failing one is reported
     options = PipelineOptions(
         model=args.model, kernel_num=args.kernel_num, checkpoint=args.checkpoint,
         model_args=args.model_args, input_shape=args.input_shape,
@@ -551,7 +553,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         overwrite=args.overwrite, quick=args.quick,
         formats=tuple(f.value for f in formats),
         bench_formats=tuple(b.name for b in bench_formats),
-        threads=args.threads)
+        threads=args.threads, devices=tuple(dict.fromkeys(args.device or [])))
     with _quiet(console, args.out) as log:
         report = run_pipeline(options, progress=console.progress)
     console.info(report.summary() + (f"\nlog: {log}" if log else ""))
@@ -809,6 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-process", action="store_true",
                    help="measure each cell's latency, cold start and memory in a new process")
     precision_arg(p)
+    device_arg(p, "time the onnx-sim, ort and pte artifacts (timed by the runtime there)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="the whole job: convert, export, validate, benchmark, report",

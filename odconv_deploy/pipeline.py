@@ -21,6 +21,7 @@ from torch import nn
 from odconv_deploy._atomic import atomic_output, check_writable
 from odconv_deploy.calibration import resolve_calibration
 from odconv_deploy.conversions import Conversions, save_deploy_checkpoint
+from odconv_deploy.devices import parse_device
 from odconv_deploy.digits import DIGITS_MODELS
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import LoadedModel, load_model
@@ -59,6 +60,8 @@ class PipelineOptions:
     formats: tuple[str, ...] = ("onnx", "onnx-sim", "ort", "coreml", "pte")
     bench_formats: tuple[str, ...] = ("onnx-sim", "pte", "torch")
     threads: int = 1
+    #: Devices to validate and benchmark on as well (``--device`` values, e.g. ``arm64-emu``).
+    devices: tuple[str, ...] = ()
     out: str = "odconv_out"
     overwrite: bool = False
     quick: bool = False
@@ -146,6 +149,7 @@ class _Pipeline:
         self.deploy = None
         self.calibration = None
         self.exports: list = []
+        self.devices = [parse_device(spec) for spec in options.devices]
 
     def write(self) -> None:
         with atomic_output(self.out / "report.json", overwrite=True) as tmp:
@@ -311,7 +315,9 @@ class _Pipeline:
     def validate(self) -> StepOutcome:
         from export.validation import (
             accuracy_table,
+            attach_on_device,
             candidates_for,
+            device_candidates,
             int8_references,
             quantized_reference_name,
         )
@@ -327,7 +333,7 @@ class _Pipeline:
             # Each int8 artifact's own semantics is its reference (the QDQ graph as written,
             # the .pte's PT2E program); its int8 kernels are held to the int8 rule; what
             # quantizing activations costs is the reference's drift from float32.
-            groups = int8_references(self.exports, spec)
+            groups = int8_references(self.exports, spec, self.devices)
             float_deploy = self.conversions.get("torch").float_deploy
             drifts = [self._drift(float_deploy, data, quantized=reference,
                                   precision=f"int8 ({reference.name})")
@@ -338,14 +344,17 @@ class _Pipeline:
             # An int8w or lut6w artifact must compute what the quantized model does (exactly,
             # at the float rules); its distance from float32 is the drift, reported by convert.
             groups = [(TorchRunner(self.deploy, spec, name=quantized_reference_name(self.deploy)),
-                       candidates_for(self.exports, io_spec=spec))]
+                       candidates_for(self.exports, io_spec=spec)
+                       + device_candidates(self.exports, self.devices))]
         else:
             groups = [(train, candidates_for(self.exports, deploy_model=self.deploy,
-                                             io_spec=spec))]
-        report = merge_reports([validate(reference, candidates, spec, batches=(1, 3),
-                                         seed=self.o.seed,
-                                         progress=lambda s: self.progress(f"    {s}"))
-                                for reference, candidates in groups])
+                                             io_spec=spec)
+                       + device_candidates(self.exports, self.devices))]
+        report = attach_on_device(
+            merge_reports([validate(reference, candidates, spec, batches=(1, 3),
+                                    seed=self.o.seed, progress=lambda s: self.progress(f"    {s}"))
+                           for reference, candidates in groups]),
+            self.devices, [c for _, candidates in groups for c in candidates])
         section = report.to_markdown()
         if precision == "int8":
             from export.quantize_onnx import int8_cpu_note
@@ -416,7 +425,7 @@ class _Pipeline:
                              overwrite=self.o.overwrite)
         report = benchmark(self.loaded, config, conversions=self.conversions,
                            reuse=self.exports, calibration=self.calibration,
-                           reduce_range=self.o.reduce_range,
+                           reduce_range=self.o.reduce_range, devices=self.devices,
                            progress=lambda s: self.progress(f"    {s}"))
         write_report(report, self.out / "bench", overwrite=True)
         self.report.sections["Latency"] = (to_markdown(report) + "\n![latency](bench/latency.png)"

@@ -13,6 +13,7 @@ from export import ExportFormat, ExportResult, export_formats
 from odconv_deploy.calibration import CalibrationSet
 from odconv_deploy.complexity import measure_complexity
 from odconv_deploy.conversions import Conversions
+from odconv_deploy.devices import Device, DeviceRunner
 from odconv_deploy.io_spec import IOSpec
 from odconv_deploy.model_source import LoadedModel, static_twin_of
 from odconv_deploy.quantize import (
@@ -26,7 +27,10 @@ from odconv_deploy.status import Status
 from runtime_bench.bench_formats import BenchFormat, parse_bench_formats
 from runtime_bench.measure import MeasureSettings, interleaved, measure
 from runtime_bench.probe import MachineProbe, machine_info, probe_machine
-from runtime_bench.stats import paired_ratio
+from runtime_bench.stats import paired_ratio, summarize
+
+#: The artifacts a device runtime runs, among the benchmark's formats.
+DEVICE_BENCH_FORMATS = (ExportFormat.ONNX_SIMPLIFIED, ExportFormat.ORT, ExportFormat.EXECUTORCH)
 
 
 @dataclass
@@ -66,7 +70,11 @@ class BenchSubject:
 
 @dataclass
 class BenchRow:
-    """One (model, format, batch, threads) measurement."""
+    """One (model, format, batch, threads[, device]) measurement.
+
+    On a device the format reads ``FORMAT@DEVICE`` and the latency is the runner's own on the
+    device (the transport is not in it).
+    """
 
     model: str
     role: str  # "odconv" or "static"
@@ -88,6 +96,7 @@ class BenchRow:
     weight_mb: float | None = None
     floor_ms: float | None = None  # max(FLOPs / GEMM peak, weights / read bandwidth)
     ratio_to_static: dict[str, float] = field(default_factory=dict)
+    device: str = "host"
 
 
 @dataclass
@@ -169,21 +178,112 @@ def _fill_figures(row: BenchRow, macs: int, weight_bytes: int, probe: MachinePro
 def benchmark(loaded: LoadedModel, config: BenchConfig, *,
               conversions: Conversions | None = None, reuse: Sequence[ExportResult] = (),
               calibration: CalibrationSet | None = None, reduce_range: bool = False,
+              devices: Sequence[Device] = (),
               progress: Callable[[str], None] = lambda _: None) -> BenchReport:
-    """Prepare ``loaded`` and its static twin (:func:`prepare_subjects`), then measure them."""
+    """Prepare ``loaded`` and its static twin (:func:`prepare_subjects`), then measure them.
+
+    They are measured on this host, then on each of ``devices``.
+    """
     subjects = prepare_subjects(loaded, config, conversions=conversions, reuse=reuse,
                                 calibration=calibration, reduce_range=reduce_range,
                                 progress=progress)
-    return run_benchmark(subjects, loaded.io_spec, config, progress=progress)
+    return run_benchmark(subjects, loaded.io_spec, config, devices=devices, progress=progress)
+
+
+def device_rows(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: BenchConfig,
+                device: Device, *, progress: Callable[[str], None] = lambda _: None
+                ) -> list[BenchRow]:
+    """The device cells: each shipped artifact of both subjects timed on ``device``.
+
+    Latency is what the runner measured on the device, in interleaved A/B rounds (one timed
+    inference of each per round, order alternating) after ``warmup`` runs of each; the ratio
+    to the static twin comes from those rounds. An emulated device gets rows marked skipped:
+    its timings say nothing about latency (its numerics are checked by ``validate``).
+    """
+    rows: list[BenchRow] = []
+    size = io_spec.inputs[0].shape[-1]
+    timed = [b for b in parse_bench_formats(config.formats) if b.artifact in DEVICE_BENCH_FORMATS]
+    settings = config.settings
+    for bench_format in timed:
+        for batch in config.batches:
+            for threads in config.threads:
+                progress(f"{bench_format.name}@{device.name} batch={batch} threads={threads}")
+                cell = {s.role: BenchRow(s.name, s.role, f"{bench_format.name}@{device.name}",
+                                         batch, threads, size, s.strategy, device=device.name)
+                        for s in subjects}
+                rows += cell.values()
+                if device.emulated:
+                    for row in cell.values():
+                        row.status, row.reason = Status.SKIPPED, (
+                            "emulated device: numerics only, no latency (its timings say "
+                            "nothing of a real core's; validate --device checks it)")
+                    continue
+                try:
+                    times = _device_rounds(subjects, bench_format.artifact, device, batch,
+                                           threads, io_spec, settings)
+                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                    for row in cell.values():
+                        row.status, row.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"
+                    continue
+                if times is None:
+                    for row in cell.values():
+                        row.status = Status.SKIPPED
+                        row.reason = f"the artifact does not take batch {batch}"
+                    continue
+                for role, row in cell.items():
+                    row.latency = summarize(times[role]).to_dict()
+                    row.throughput_ips = batch / (row.latency["median_ms"] / 1e3)
+                    artifact = next(s for s in subjects if s.role == role).artifacts[
+                        bench_format.artifact]
+                    row.artifact_mb = artifact.file_size_bytes / 1e6
+                if {"odconv", "static"} <= set(times):
+                    cell["odconv"].ratio_to_static = paired_ratio(times["odconv"],
+                                                                  times["static"])
+    return rows
+
+
+def _device_rounds(subjects: Sequence[BenchSubject], fmt: ExportFormat, device: Device,
+                   batch: int, threads: int, io_spec: IOSpec, settings: MeasureSettings
+                   ) -> dict[str, list[float]] | None:
+    """Seconds per timed inference of each subject on the device.
+
+    None if a subject's artifact does not take ``batch``.
+    """
+    feed = {t.name: x.numpy() for t, x in zip(io_spec.inputs, io_spec.sample_inputs(batch),
+                                               strict=True)}
+    runners = {}
+    for s in subjects:
+        artifact = s.artifacts.get(fmt)
+        if artifact is None or not artifact.ok:
+            raise RuntimeError(f"{s.name}: no {fmt.value} artifact"
+                               + (f" ({artifact.error})" if artifact else ""))
+        runners[s.role] = DeviceRunner.from_export(device, artifact, threads=threads)
+    try:
+        for runner in runners.values():
+            runner.activate()
+            if not runner.accepts_batch(batch):
+                return None
+            runner.benchmark(feed, warmup=settings.warmup, runs=1)
+        times: dict[str, list[float]] = {role: [] for role in runners}
+        order = list(runners.items())
+        for i in range(settings.iterations):
+            for role, runner in (order if i % 2 == 0 else order[::-1]):
+                times[role] += [t / 1e3 for t in runner.benchmark(feed, warmup=0, runs=1)]
+        return times
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
 
 
 def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: BenchConfig, *,
+                  devices: Sequence[Device] = (),
                   progress: Callable[[str], None] = lambda _: None) -> BenchReport:
     """Measure every subject in every format, batch and thread count.
 
     Each (format, batch, threads) cell measures the subjects separately (cold start, warm
     latency, memory), then runs the ODConv model and its static twin in interleaved A/B
     rounds for the ratio. A cell that fails is recorded with its reason and the sweep goes on.
+    Then each device's cells (:func:`device_rows`).
     """
     timed: list[BenchFormat] = parse_bench_formats(config.formats)
     spec = io_spec
@@ -238,4 +338,6 @@ def run_benchmark(subjects: Sequence[BenchSubject], io_spec: IOSpec, config: Ben
             a, b = interleaved(runners["odconv"](), runners["static"](), feed, feed,
                                config.settings)
             rows["odconv"].ratio_to_static = paired_ratio(a, b)
+    for device in devices:
+        report.rows += device_rows(subjects, io_spec, config, device, progress=progress)
     return report

@@ -16,7 +16,7 @@ CSV_FIELDS = ("model", "role", "format", "batch", "threads", "resolution", "stra
               "median_ms", "p90_ms", "p99_ms", "min_ms", "iqr_ms", "n", "throughput_ips",
               "cold_start_s", "peak_rss_mb", "artifact_mb", "achieved_gflops",
               "pct_of_gemm_peak", "floor_ms", "ratio_to_static", "ratio_q25", "ratio_q75",
-              "reason")
+              "reason", "device")
 
 
 def _flat(row: BenchRow) -> dict[str, object]:
