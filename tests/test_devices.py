@@ -346,3 +346,25 @@ def test_a_full_device_disk_is_refused_with_the_sizes(sshd, mobilenet, tmp_path)
             runner.activate()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+# -- the main job -----------------------------------------------------------------------------
+def test_the_main_job_validates_and_benchmarks_on_devices(arm64, tmp_path):
+    import json
+
+    from odconv_deploy.pipeline import PipelineOptions, run_pipeline
+
+    report = run_pipeline(PipelineOptions(
+        model="od_tinynet_digits", formats=("onnx", "onnx-sim", "ort", "pte"),
+        bench_formats=("ort",), quick=True, out=str(tmp_path),
+        devices=("arm64-emu:cortex-a55", "host")))
+    assert report.ok, report.summary()
+    text = (tmp_path / "report.md").read_text()
+    assert "On device:" in text and "| arm64-emu:cortex-a55 | od_tinynet_digits.pte |" in text
+    steps = {s["name"]: s for s in json.loads((tmp_path / "report.json").read_text())["steps"]}
+    on_device = steps["validate"]["data"]["validation"]["on_device"]
+    assert {(r["device"], r["artifact"].rsplit(".", 1)[1]) for r in on_device["rows"]} == {
+        (d, s) for d in ("arm64-emu:cortex-a55", "host") for s in ("ort", "pte")}
+    rows = {(r["format"], r["role"]): r for r in steps["benchmark"]["data"]["rows"]}
+    assert rows[("ort@host", "odconv")]["ratio_to_static"]["rounds"] == 5  # --quick
+    assert rows[("ort@arm64-emu:cortex-a55", "odconv")]["status"] == "skipped"
