@@ -13,7 +13,7 @@ from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, ODConv2dDeploy
 from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
 from odconv_deploy.model_source import ModelSourceError, describe_io
 from odconv_deploy.reparameterize import convert_model, find_odconv_layers
-from odconv_deploy.strategy_choice import AUTO_STRATEGY, canonical_target
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, TUNE_STRATEGY, canonical_target
 
 
 @dataclass
@@ -79,12 +79,13 @@ def prepare_model(model: nn.Module, *, strategy: str | None = None, target: str 
         strategy = result.strategy
     else:
         strategies = {m.form for m in model.modules() if isinstance(m, ODConv2dDeploy)}
-        if strategy not in (None, AUTO_STRATEGY) and strategies and strategies != {strategy}:
+        per_layer = (AUTO_STRATEGY, TUNE_STRATEGY)  # the caller's conversion chose the forms
+        if strategy not in (None, *per_layer) and strategies and strategies != {strategy}:
             raise ExportError(
                 f"The model is already in deploy form with strategy {sorted(strategies)}, not "
                 f"{strategy!r}. Note: pass the train-form model to choose the strategy."
             )
-        if strategy != AUTO_STRATEGY or not strategies:  # auto: the caller's conversion
+        if strategy not in per_layer or not strategies:
             strategy = (None if not strategies else next(iter(strategies))
                         if len(strategies) == 1 else "mixed")
     layer_forms = dict(Counter(m.form for m in model.modules()

@@ -27,7 +27,12 @@ from odconv_deploy.console import Console
 from odconv_deploy.errors import ODConvDeployError
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY, DEPLOY_STRATEGIES
 from odconv_deploy.status import Status
-from odconv_deploy.strategy_choice import AUTO_STRATEGY, AUTO_TARGETS, DEPRECATED_TARGETS
+from odconv_deploy.strategy_choice import (
+    AUTO_STRATEGY,
+    AUTO_TARGETS,
+    DEPRECATED_TARGETS,
+    TUNE_STRATEGY,
+)
 
 if TYPE_CHECKING:  # the commands import their heavy modules lazily
     from export.result import ExportResult
@@ -153,6 +158,34 @@ def _conversions(args: argparse.Namespace, loaded: object, console: Console) -> 
                        precision=getattr(args, "precision", "fp32"))
 
 
+def _tune(conversions: object, loaded: object, console: Console, formats: Sequence[object], *,
+          onnx_target: str, dynamic_batch: bool, batch_size: int | None,
+          out: str | Path | None, devices: Sequence[object] = (),
+          targets: Sequence[str] = ()) -> None:
+    """``--strategy tune``: time each layer's forms for the targets of ``formats``, ``targets``.
+
+    Timed on the first real device given, else here; the plans are printed and kept in
+    ``out/tuning.json``.
+    """
+    if conversions.strategy != TUNE_STRATEGY:
+        return
+    from export.formats import FORMATS
+    from odconv_deploy._atomic import atomic_output
+    from runtime_bench.tune import tune_for_targets
+
+    device = next((d for d in devices if not d.emulated and d.check().ok), None)
+    plans = tune_for_targets(
+        conversions, loaded.io_spec,
+        [*(FORMATS[f].auto_target(onnx_target) for f in formats), *targets],
+        dynamic_batch=dynamic_batch, batch_size=batch_size or 1, device=device,
+        progress=lambda s: console.progress(f"-> {s}"))
+    for plan in plans:
+        console.info(plan.to_markdown())
+    if out is not None:
+        with atomic_output(Path(out) / "tuning.json", overwrite=True) as path:
+            path.write_text(json.dumps([p.to_dict() for p in plans], indent=2))
+
+
 def _check_calibration_args(args: argparse.Namespace, *, exports: bool = True) -> None:
     """Check int8's options before any work.
 
@@ -265,6 +298,9 @@ def _cmd_convert(args: argparse.Namespace, console: Console) -> int:
         loaded = _load(args, console)
         conversions = Conversions(loaded.model, args.strategy or DEFAULT_STRATEGY,
                                   progress=lambda s: console.progress(f"-> {s}"))
+        _tune(conversions, loaded, console, [], onnx_target="onnx",
+              dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch, out=None,
+              targets=[args.target])
         result = conversions.get(args.target, args.dynamic_batch)
         save_deploy_checkpoint(out, loaded, result, target=args.target,
                                dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
@@ -292,9 +328,12 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
         loaded = _load(args, console)
         calibration = _calibration(args, loaded, console)
         _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
+        conversions = _conversions(args, loaded, console)
+        _tune(conversions, loaded, console, formats, onnx_target=args.onnx_target,
+              dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch, out=args.out)
         results = export_formats(
             loaded.model, args.out, formats, stem=loaded.name,
-            conversions=_conversions(args, loaded, console), io_spec=loaded.io_spec,
+            conversions=conversions, io_spec=loaded.io_spec,
             opset=args.opset, coreml_precision=args.coreml_precision, precision=args.precision,
             dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
             onnx_target=args.onnx_target, overwrite=args.overwrite, calibration=calibration,
@@ -345,6 +384,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         else:
             if args.out:
                 _check_artifacts_writable(formats, args.out, loaded.name, args.overwrite)
+            _tune(conversions, loaded, console, formats, onnx_target=args.onnx_target,
+                  dynamic_batch=args.dynamic_batch, batch_size=args.fixed_batch,
+                  out=args.out, devices=devices)
             results = export_formats(loaded.model, args.out or tmp, formats, stem=loaded.name,
                                      conversions=conversions, io_spec=loaded.io_spec,
                                      precision=args.precision,
@@ -492,6 +534,9 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             args.input_shape = _square_input(args, console, args.resolution)
         loaded = _load(args, console)
         conversions = _conversions(args, loaded, console)
+        _tune(conversions, loaded, console, _bench_artifacts(parse_bench_formats(args.formats)),
+              onnx_target="onnxruntime", dynamic_batch=args.dynamic_batch,
+              batch_size=_bench_batches(args)[0], out=args.out, devices=devices)
         config = BenchConfig(
             formats=args.formats, batches=_bench_batches(args), threads=args.threads,
             strategy=conversions.strategy, dynamic_batch=args.dynamic_batch,
@@ -684,9 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow loading a pickled nn.Module from --model (runs code from "
                        "the file)")
         p.add_argument("--strategy", default=None,
-                       choices=sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY],
+                       choices=sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY, TUNE_STRATEGY],
                        help=f"deploy-form strategy (default: {DEFAULT_STRATEGY}, or a deploy "
-                       "checkpoint's own); 'auto' chooses per layer for each format")
+                       "checkpoint's own); 'auto' chooses per layer for each format by fixed "
+                       "rules; 'tune' times every exact form of each layer in the target "
+                       "runtime and takes the fastest (cached per geometry, runtime, CPU)")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         common(p)
 

@@ -39,6 +39,7 @@ from odconv_deploy.reparameterize import (
 )
 from odconv_deploy.strategy_choice import (
     AUTO_STRATEGY,
+    TUNE_STRATEGY,
     AutoStrategy,
     canonical_target,
     check_strategy_name,
@@ -56,7 +57,8 @@ class Conversions:
     Args:
         model: The train-form network (left untouched).
         strategy: A deploy form, or ``auto`` (each target's plan from
-            :class:`~odconv_deploy.strategy_choice.AutoStrategy`).
+            :class:`~odconv_deploy.strategy_choice.AutoStrategy`), or ``tune`` (each target's
+            plan from :meth:`set_tuned_plan`, ``auto``'s where none was set).
         progress: Told when a conversion starts (they can take a while on large models).
         stored: A conversion made earlier (a deploy checkpoint's), with its target and batch
             mode, reused where its plan is asked for.
@@ -86,8 +88,11 @@ class Conversions:
                 f"to compress. Note: {precision} compresses ODConv banks only; use --precision "
                 "fp32.")
         self._cache: dict[tuple[str, ...], ConversionResult] = {}
+        self._tuned: dict[tuple[str, bool], tuple[str, ...]] = {}
         if stored is not None:
             result, target, dynamic_batch = stored
+            if strategy == TUNE_STRATEGY and result.strategy == strategy:  # its tuned plan
+                self.set_tuned_plan(target, dynamic_batch, tuple(x.form for x in result.layers))
             key = self.plan(target, dynamic_batch)
             # int8w may plan other forms than the stored conversion has (see _auto_target).
             if result.strategy == strategy and tuple(x.form for x in result.layers) == key:
@@ -108,7 +113,7 @@ class Conversions:
         """How many ODConv layers the model has."""
         return len(self._specs)
 
-    def _auto_target(self, target: str) -> str:
+    def planning_target(self, target: str) -> str:
         """The target ``auto`` plans for: ``target``, but ``onnx`` for ONNX Runtime in int8w.
 
         The ``ort_nchwc`` layers ``auto`` gives ONNX Runtime read a float bank (their NCHWc
@@ -117,11 +122,21 @@ class Conversions:
         onnxruntime = canonical_target(target, warn=False) == "onnxruntime"
         return "onnx" if stores_int8_banks(self.precision) and onnxruntime else target
 
+    def set_tuned_plan(self, target: str, dynamic_batch: bool, forms: tuple[str, ...]) -> None:
+        """The plan ``tune`` measured for ``target`` (one form per layer, in layer order)."""
+        if len(forms) != len(self._specs):
+            raise ODConvDeployError(f"a tuned plan of {len(forms)} forms for a model with "
+                                    f"{len(self._specs)} ODConv layers")
+        self._tuned[(canonical_target(target, warn=False), dynamic_batch)] = tuple(forms)
+
     def plan(self, target: str = "torch", dynamic_batch: bool = True) -> tuple[str, ...]:
         """The deploy form each ODConv layer takes for ``target``, in layer order."""
-        if self.strategy != AUTO_STRATEGY:
+        tuned = self._tuned.get((canonical_target(target, warn=False), dynamic_batch))
+        if self.strategy == TUNE_STRATEGY and tuned is not None:
+            return tuned
+        if self.strategy not in (AUTO_STRATEGY, TUNE_STRATEGY):
             return (self.strategy,) * len(self._specs)
-        choice = AutoStrategy(self._auto_target(target), dynamic_batch)
+        choice = AutoStrategy(self.planning_target(target), dynamic_batch)
         return tuple(choice.choose(spec) for spec in self._specs)
 
     def get(self, target: str = "torch", dynamic_batch: bool = True) -> ConversionResult:
@@ -138,8 +153,8 @@ class Conversions:
                 self.progress(f"convert {len(key)} ODConv layers ({forms}), each verified in "
                               "float64 ...")
                 result = convert_model(self.model, strategy=self.strategy,
-                                       target=self._auto_target(target),
-                                       dynamic_batch=dynamic_batch)
+                                       target=self.planning_target(target),
+                                       dynamic_batch=dynamic_batch, plan=key)
                 self._cache[key] = self._quantized(result)
                 self.performed += 1
         return self._cache[key]

@@ -26,6 +26,7 @@ from odconv_deploy.digits import DIGITS_MODELS
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import LoadedModel, load_model
 from odconv_deploy.status import Status
+from odconv_deploy.strategy_choice import TUNE_STRATEGY
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.tolerance import within_tolerance
 
@@ -189,6 +190,8 @@ class _Pipeline:
         self.conversions = Conversions(self.loaded.model, strategy, stored=stored,
                                        progress=lambda s: self.progress(f"    {s}"),
                                        precision=o.precision)
+        if strategy == TUNE_STRATEGY:
+            self._tune()
         k = self.loaded.kwargs.get("kernel_num")
         self.report.title_model = self.loaded.name + (f" (kernel_num={k})" if k else "")
         self.report.strategy = strategy
@@ -198,6 +201,26 @@ class _Pipeline:
                       if self.calibration is not None else "")
         return Status.OK, (f"{self.loaded.name} ({self.loaded.source}), weights: "
                       f"{self.loaded.weights}; inputs {shapes}; outputs {outputs}{calibrated}"), {}
+
+    def _tune(self) -> None:
+        """``tune``: the plans of the exported formats' and the benchmark's targets."""
+        from export import parse_formats
+        from export.formats import FORMATS
+        from runtime_bench.bench_formats import parse_bench_formats
+        from runtime_bench.tune import tune_for_targets
+
+        exported = parse_formats(",".join(self.o.formats))
+        timed = [b.artifact for b in parse_bench_formats(",".join(self.o.bench_formats))
+                 if b.artifact is not None]
+        device = next((d for d in self.devices if not d.emulated and d.check().ok), None)
+        plans = tune_for_targets(
+            self.conversions, self.loaded.io_spec,
+            [*(FORMATS[f].auto_target() for f in exported),
+             *(FORMATS[f].auto_target("onnxruntime") for f in timed)],  # as bench exports
+            device=device, progress=lambda s: self.progress(f"    {s}"))
+        self.report.sections["Tuning"] = "\n".join(p.to_markdown() for p in plans)
+        with atomic_output(self.out / "tuning.json", overwrite=True) as path:
+            path.write_text(json.dumps([p.to_dict() for p in plans], indent=2))
 
     def convert(self) -> StepOutcome:
         result = self.conversions.get("torch")

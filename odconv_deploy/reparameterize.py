@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from odconv_deploy.detect import inspect_odconv, looks_like_odconv
-from odconv_deploy.errors import ConversionError
+from odconv_deploy.errors import ConversionError, UnsupportedLayerError
 from odconv_deploy.layers import DEFAULT_STRATEGY, LAYER_FORMS, ODConv2dDeploy
 from odconv_deploy.layers.spec import ODConvSpec
-from odconv_deploy.strategy_choice import AUTO_STRATEGY, AutoStrategy, check_strategy_name
+from odconv_deploy.strategy_choice import (
+    AUTO_STRATEGY,
+    TUNE_STRATEGY,
+    AutoStrategy,
+    check_strategy_name,
+)
 from odconv_deploy.tolerance import allowed_error, within_tolerance
 
 #: Relative tolerance of the float64 per-layer check (the rewrite is an exact identity).
@@ -211,6 +217,7 @@ def convert_model(
     inplace: bool = False,
     fold_bn: bool = True,
     verify: bool = True,
+    plan: Sequence[str] | None = None,
 ) -> ConversionResult:
     """Replace every ODConv layer with its deploy form and report what was done.
 
@@ -225,6 +232,8 @@ def convert_model(
         inplace: Modify ``model`` itself instead of a deep copy.
         fold_bn: Fold a BatchNorm2d that directly follows an ODConv layer into it.
         verify: Check every converted layer against the original in float64.
+        plan: One deploy form per ODConv layer, in layer order (a tuned plan); overrides
+            ``strategy``'s choice, and is verified like any other.
 
     Returns:
         The converted model (in eval mode) and a per-layer record.
@@ -234,19 +243,24 @@ def convert_model(
         ConversionError: A converted layer does not reproduce its original.
     """
     check_strategy_name(strategy)
-    auto = AutoStrategy(target, dynamic_batch) if strategy == AUTO_STRATEGY else None
-
-    def deploy_form(spec: ODConvSpec, bn: nn.Module | None) -> ODConv2dDeploy:
-        chosen = auto.choose(spec) if auto else strategy
-        return LAYER_FORMS[chosen].from_spec(spec, output_bn=bn).eval()
-
+    auto = AutoStrategy(target, dynamic_batch) if strategy in (AUTO_STRATEGY, TUNE_STRATEGY) \
+        else None
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     layers = find_odconv_layers(model)
+    planned = dict(zip((n for n, _ in layers), plan, strict=True)) if plan is not None else {}
+    if plan is not None and (unknown := sorted(set(plan) - set(LAYER_FORMS))):
+        raise UnsupportedLayerError(f"plan names unknown deploy forms {unknown}; the forms are "
+                                    f"{sorted(LAYER_FORMS)}.")
+
+    def deploy_form(name: str, spec: ODConvSpec, bn: nn.Module | None) -> ODConv2dDeploy:
+        chosen = planned.get(name) or (auto.choose(spec) if auto else strategy)
+        return LAYER_FORMS[chosen].from_spec(spec, output_bn=bn).eval()
+
     if layers and layers[0][0] == "":  # the model is itself one ODConv layer
         spec = inspect_odconv(model, type(model).__name__)
-        deploy = deploy_form(spec, None)
+        deploy = deploy_form("", spec, None)
         err = verify_layer(model, None, deploy, spec.name) if verify else (None, None)
         return ConversionResult(deploy, strategy,
                                 [LayerConversion(spec.name, deploy.form, None, *err)])
@@ -256,7 +270,7 @@ def convert_model(
         spec = inspect_odconv(layer, name)
         bn_name = bn_for.get(name)
         bn = model.get_submodule(bn_name) if bn_name else None
-        deploy = deploy_form(spec, bn)
+        deploy = deploy_form(name, spec, bn)
         err = verify_layer(layer, bn, deploy, name) if verify else (None, None)
         _set_submodule(model, name, deploy)
         if bn_name:

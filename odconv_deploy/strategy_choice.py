@@ -36,6 +36,9 @@ from odconv_deploy.layers.ort_nchwc import nchwc_unsupported_reason, ort_nchwc_b
 from odconv_deploy.layers.spec import ODConvSpec
 
 AUTO_STRATEGY = "auto"
+#: Each layer's form chosen by timing every exact form it admits on the target runtime
+#: (``runtime_bench.tune``); where no tuned plan is given, ``auto``'s rules.
+TUNE_STRATEGY = "tune"
 #: Export targets ``auto`` knows, named by the runtime that runs the graph. ``onnx`` graphs
 #: run on any ONNX runtime; ``onnxruntime`` ones (the same with a dynamic batch) may use ONNX
 #: Runtime's CPU kernels of this machine.
@@ -95,10 +98,34 @@ class AutoStrategy:
         return "depthwise_taps" if spec.stride == 1 else DEFAULT_STRATEGY
 
 
+def admissible_forms(spec: ODConvSpec, target: str, dynamic_batch: bool) -> tuple[str, ...]:
+    """The exact deploy forms a layer can take for ``target`` (what ``tune`` times).
+
+    ``im2col`` and ``static_weight`` (constant conv weights; XNNPACK delegates its convs) fit
+    every target; ``depthwise_taps`` depthwise layers; ``dynamic_weight`` ONNX graphs with a
+    fixed batch (it bakes the batch in; XNNPACK does not delegate a run-time conv weight, and
+    coremltools fails on depthwise ones); ``ort_nchwc`` fixed-batch ONNX Runtime graphs on a
+    CPU with NCHWc kernels, for layers whose channels fit its block.
+    """
+    target = canonical_target(target, warn=False)
+    forms = [DEFAULT_STRATEGY, "static_weight"]
+    if spec.depthwise:
+        forms.append("depthwise_taps")
+    if not dynamic_batch and target in ("onnx", "onnxruntime"):
+        forms.append("dynamic_weight")
+    if not dynamic_batch and target == "onnxruntime":
+        block = ort_nchwc_block()
+        if block is not None and nchwc_unsupported_reason(
+                spec.in_channels, spec.out_channels, spec.kernel_size, spec.groups,
+                block) is None:
+            forms.append("ort_nchwc")
+    return tuple(forms)
+
+
 def check_strategy_name(strategy: str) -> None:
     """Raise a clear error for a strategy that is neither a deploy form nor ``auto``."""
-    if strategy != AUTO_STRATEGY and strategy not in DEPLOY_STRATEGIES:
+    if strategy not in (AUTO_STRATEGY, TUNE_STRATEGY) and strategy not in DEPLOY_STRATEGIES:
         raise UnsupportedLayerError(
             f"Unknown deploy strategy {strategy!r}. Note: choose one of "
-            f"{sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY]}."
+            f"{sorted(DEPLOY_STRATEGIES) + [AUTO_STRATEGY, TUNE_STRATEGY]}."
         )
