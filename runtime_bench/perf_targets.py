@@ -17,15 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from odconv_deploy.conversions import Conversions
 from odconv_deploy.model_source import load_model
+from odconv_deploy.strategy_choice import TUNE_STRATEGY
 from odconv_deploy.tables import markdown_table
 from runtime_bench.bench import BenchConfig, benchmark
+from runtime_bench.bench_formats import parse_bench_formats
 from runtime_bench.measure import MeasureSettings
 from runtime_bench.probe import machine_info
 from runtime_bench.report import write_result_files
+from runtime_bench.tune import tune_for_formats
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ TARGETS = (
 
 
 #: Variant -> (strategy, whether its artifacts keep a dynamic batch); each runs every row.
-VARIANTS = {"im2col": ("im2col", True), "auto": ("auto", False)}
+#: ``tune`` times each layer's exact forms on this machine first (runtime_bench.tune).
+VARIANTS = {"im2col": ("im2col", True), "auto": ("auto", False), "tune": ("tune", False)}
 
 
 def is_met(ratio_q75: float | None, target_ratio: float) -> bool:
@@ -65,18 +71,32 @@ def record_key(record: dict[str, object]) -> tuple[object, ...]:
 
 
 def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
-                variant: str) -> list[dict[str, object]]:
-    """Measure every target row in one variant; one record per (row, threads)."""
+                variant: str, rows: tuple[int, ...] | None = None) -> list[dict[str, object]]:
+    """Measure the target rows in one variant; one record per (row, threads).
+
+    ``rows``: indices into :data:`TARGETS` (default all).
+    """
     strategy, dynamic_batch = VARIANTS[variant]
     records = []
-    for target in TARGETS:
+    for index, target in enumerate(TARGETS):
+        if rows is not None and index not in rows:
+            continue
         start = time.perf_counter()
         loaded = load_model(target.model, kernel_num=target.kernel_num)
+        conversions = Conversions(loaded.model, strategy)
+        plans = []
+        if strategy == TUNE_STRATEGY:
+            formats = [b.artifact for b in parse_bench_formats(target.format)]
+            plans = tune_for_formats(conversions, loaded.io_spec, formats,
+                                     onnx_target="onnxruntime", dynamic_batch=dynamic_batch,
+                                     batch_size=target.batch,
+                                     progress=lambda s: print(f"   {s}", flush=True))
         config = BenchConfig(formats=target.format, batches=(target.batch,), threads=threads,
                              strategy=strategy, dynamic_batch=dynamic_batch, settings=settings,
                              out=str(out / "work" / f"{target.model}_k{target.kernel_num}"),
                              overwrite=True)
-        report = benchmark(loaded, config, progress=lambda s: print(f"   {s}", flush=True))
+        report = benchmark(loaded, config, conversions=conversions,
+                           progress=lambda s: print(f"   {s}", flush=True))
         for row in report.rows:
             if row.role != "odconv":
                 continue
@@ -100,6 +120,9 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
                                          for a in report.artifacts
                                          if a["format"] == "pte" and target.model in
                                          str(a["path"])), None),
+                "layer_forms": dict(Counter(conversions.plan(
+                    "executorch" if target.format == "pte" else "onnxruntime", dynamic_batch))),
+                "tuning": [p.to_dict() for p in plans],
             })
         print(f"{target} done in {time.perf_counter() - start:.0f} s", flush=True)
     return records
@@ -119,7 +142,7 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
              "threads (both models).", ""]
     rows: list[list[object]] = []
     for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],
-                                            r["strategy"] != "im2col")):
+                                            list(VARIANTS).index(r["strategy"]))):
         head = [f"{r['model']} k={r['kernel_num']}", r["format"], r["batch"],
                 f"{r['strategy']} ({r['batch_axis']})", r["threads"]]
         if r["status"] != "ok":
@@ -146,6 +169,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row indices of TARGETS (default: all)")
+    parser.add_argument("--stem", default="perf_targets",
+                        help="result file name (perf_targets_<host> for a partial re-run)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the committed records of the variants not re-measured")
     args = parser.parse_args()
@@ -156,15 +183,16 @@ def main() -> None:
     threads = tuple(int(t) for t in args.threads.split(","))
     settings = MeasureSettings(warmup=args.warmup, iterations=args.iterations)
     machine = machine_info()
-    records = [r for v in variants for r in run_targets(args.out, threads, settings, v)]
-    previous = args.out / "perf_targets.json"
+    rows = None if args.rows is None else tuple(int(i) for i in args.rows.split(","))
+    records = [r for v in variants for r in run_targets(args.out, threads, settings, v, rows)]
+    previous = args.out / f"{args.stem}.json"
     if args.merge and previous.exists():
         fresh = {record_key(r) for r in records}
         records += [r for r in json.loads(previous.read_text())["records"]
                     if record_key(r) not in fresh]
     payload = {"machine": machine, "settings": asdict(settings), "threads": threads,
                "records": records}
-    write_result_files(args.out, "perf_targets", payload, to_markdown(records, machine))
+    write_result_files(args.out, args.stem, payload, to_markdown(records, machine))
     print(to_markdown(records, machine))
 
 
