@@ -26,7 +26,7 @@ from odconv_deploy.digits import DIGITS_MODELS
 from odconv_deploy.layers.deploy import DEFAULT_STRATEGY
 from odconv_deploy.model_source import LoadedModel, load_model
 from odconv_deploy.status import Status
-from odconv_deploy.strategy_choice import TUNE_STRATEGY
+from odconv_deploy.strategy_choice import AUTO_STRATEGY, TUNE_STRATEGY
 from odconv_deploy.tables import markdown_table
 from odconv_deploy.tolerance import within_tolerance
 
@@ -457,9 +457,59 @@ class _Pipeline:
                   for r in report.rows if r.role == "odconv" and r.ratio_to_static]
         failed = [f"{r.format}" for r in report.rows if r.status is Status.FAILED]
         data = {"rows": [asdict(r) for r in report.rows]}
+        fixed = self._bench_fixed_batch1(settings)
+        if fixed is not None:
+            data["fixed_batch1_rows"] = [asdict(r) for r in fixed.rows]
+            failed += [f"{r.format} (fixed batch 1)" for r in fixed.rows
+                       if r.status is Status.FAILED]
+            ratios += [f"{r.format} fixed batch 1 {fixed.config.strategy} "
+                       f"{r.ratio_to_static['ratio_median']:.2f}x"
+                       for r in fixed.rows if r.role == "odconv" and r.ratio_to_static]
         if failed:
             return Status.FAILED, f"failed on {', '.join(sorted(set(failed)))}", data
         return Status.OK, "ratio to static twin: " + (", ".join(ratios) or "-"), data
+
+
+    def _bench_fixed_batch1(self, settings: object) -> object | None:
+        """What a user would ship: batch 1 baked in, each layer's form chosen for its runtime.
+
+        The run's strategy where it chooses per layer (``auto``, ``tune``), else ``auto``;
+        benchmarked beside the fixed-batch static twin, in its own section and folder.
+        """
+        from runtime_bench.bench import BenchConfig, benchmark
+        from runtime_bench.bench_formats import parse_bench_formats
+        from runtime_bench.report import to_markdown, write_report
+
+        timed = [b for b in parse_bench_formats(",".join(self.o.bench_formats))
+                 if b.artifact is not None]
+        if not timed:
+            return None
+        conversions = self.conversions
+        if conversions.strategy not in (AUTO_STRATEGY, TUNE_STRATEGY):
+            conversions = Conversions(self.loaded.model, AUTO_STRATEGY,
+                                      progress=lambda s: self.progress(f"    {s}"),
+                                      precision=self.o.precision)
+        if conversions.strategy == TUNE_STRATEGY:
+            from runtime_bench.tune import tune_for_formats
+
+            tune_for_formats(conversions, self.loaded.io_spec, [b.artifact for b in timed],
+                             onnx_target="onnxruntime", dynamic_batch=False,
+                             progress=lambda s: self.progress(f"    {s}"))
+        folder = self.out / "bench" / "fixed_batch1"
+        config = BenchConfig(formats=",".join(b.name for b in timed), batches=(1,),
+                             threads=(self.o.threads,), strategy=conversions.strategy,
+                             dynamic_batch=False, settings=settings, out=str(folder),
+                             overwrite=self.o.overwrite)
+        report = benchmark(self.loaded, config, conversions=conversions,
+                           calibration=self.calibration, reduce_range=self.o.reduce_range,
+                           progress=lambda s: self.progress(f"    {s}"))
+        write_report(report, folder, overwrite=True)
+        self.report.sections["Latency, fixed batch 1 (what you would ship)"] = (
+            f"Batch 1 baked into both graphs; each ODConv layer's form chosen for its runtime "
+            f"(strategy `{conversions.strategy}`). The headline ratio of a batch-1 deployment."
+            "\n\n" + to_markdown(report)
+            + "\n![ratio](bench/fixed_batch1/ratio.png)\n")
+        return report
 
 
 def _as_tuple(value: object) -> tuple[torch.Tensor, ...]:

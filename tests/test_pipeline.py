@@ -43,6 +43,13 @@ def test_run_writes_complete_report(digits_run):
     assert (out / "artifacts" / "od_tinynet_digits.ort").is_file()
     assert (out / "bench" / "latency.png").is_file()
     assert (out / "od_tinynet_digits_deploy.pt").is_file()
+    # beside the dynamic-batch artifacts, what a batch-1 deployment ships, with its ratio
+    assert "## Latency, fixed batch 1 (what you would ship)" in md
+    fixed = steps["benchmark"]["data"]["fixed_batch1_rows"]
+    assert {(r["format"], r["role"]) for r in fixed} == {
+        (f, role) for f in ("onnx-sim", "pte") for role in ("odconv", "static")}
+    assert all(r["ratio_to_static"]["rounds"] == 5 for r in fixed if r["role"] == "odconv")
+    assert "fixed batch 1 auto" in steps["benchmark"]["detail"]
 
 
 def test_existing_report_is_not_overwritten(digits_run, capsys):
