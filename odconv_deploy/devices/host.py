@@ -18,7 +18,10 @@ from odconv_deploy.devices.provision import ensure_host_bundle
 
 
 def read_cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
-    """The first processor's ``key: value`` lines of a cpuinfo file (empty if unreadable)."""
+    """The first processor's ``key: value`` lines of a cpuinfo file (empty if unreadable).
+
+    ``programs/ort_runner.py`` keeps its own copy: it runs on devices without this package.
+    """
     fields: dict[str, str] = {}
     try:
         lines = Path(path).read_text().splitlines()
