@@ -79,7 +79,8 @@ class SshDevice(Device):
     def remote(self, script: str, *, stdin: bytes | None = None, timeout: float = 120
                ) -> subprocess.CompletedProcess:
         """Run a shell script on the device (in its work folder)."""
-        command = f"mkdir -p {self.workdir} && cd {self.workdir} || exit {NO_WORKDIR}\n{script}"
+        folder = shlex.quote(self.workdir)
+        command = f"mkdir -p {folder} && cd {folder} || exit {NO_WORKDIR}\n{script}"
         try:
             return subprocess.run([*self._ssh, command], input=stdin, capture_output=True,
                                   timeout=timeout)
