@@ -38,6 +38,9 @@ def test_run_with_auto_converts_once_per_distinct_plan(tmp_path, monkeypatch):
     plans = Conversions(load_model("od_tinynet", kernel_num=2).model, "auto")
     distinct = {plans.plan(target, True) for target in ("torch", "onnx", "coreml", "executorch")}
     assert len(distinct) == 2  # im2col everywhere (torch, coreml); depthwise_taps (onnx, pte)
+    # the fixed-batch-1 benchmark's graphs: ONNX Runtime's plan, and ExecuTorch's (as above)
+    distinct |= {plans.plan("onnxruntime", False), plans.plan("executorch", False)}
+    assert len(distinct) == 3
     assert len(calls) == len(distinct)
     # every verification came from those conversions: nothing converted behind their back
     assert len(verified) == len(calls) * plans.layer_count
