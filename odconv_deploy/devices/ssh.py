@@ -156,18 +156,20 @@ class SshDevice(Device):
         remote = f"files/{name}"
         if remote in self._staged:
             return f"{self.workdir}/{remote}"
+        quoted = shlex.quote(remote)
+        if self.remote(f"test -e {quoted}").returncode == 0:  # sent before: same content hash
+            self._staged.add(remote)
+            return f"{self.workdir}/{remote}"
         size = len(payload) if payload is not None else local.stat().st_size
         free = self.check().details.get("free_bytes")
         if isinstance(free, int) and size > free:
             raise DeviceError(f"{self.name}: its disk is full for {local.name}: it needs "
                               f"{size / 1e6:.1f} MB and {free / 1e6:.1f} MB are free in "
                               f"{self.workdir}.")
-        quoted = shlex.quote(remote)
         unpack = (f"mkdir -p {quoted}.partial && tar -C {quoted}.partial -xf -"
                   if payload is not None else f"cat > {quoted}.partial")
-        script = (f"mkdir -p files && (test -e {quoted} || {{ {unpack} && "
-                  f"mv {quoted}.partial {quoted}; }}) || {{ s=$?; rm -rf {quoted}.partial; "
-                  "exit $s; }")
+        script = (f"mkdir -p files && {{ {unpack} && mv {quoted}.partial {quoted}; }} || "
+                  f"{{ s=$?; rm -rf {quoted}.partial; exit $s; }}")
         data = payload if payload is not None else local.read_bytes()
         done = self.remote(script, stdin=data, timeout=600)
         if done.returncode != 0:
