@@ -25,6 +25,22 @@ X86_KERNEL_FEATURES = ("sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx51
                        "avx512_vnni", "avx_vnni", "amx_int8")
 
 
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of ``/proc/cpuinfo`` text.
+
+    ``programs/ort_runner.py`` keeps its own copy: it runs on devices without this package.
+    """
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def describe_cpu(cpuinfo: dict[str, str]) -> dict[str, object]:
     """The CPU's model, and which of the kernel-deciding features it advertises.
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from odconv_deploy.devices.base import ORT_RUNNER, Device, DeviceCheck
-from odconv_deploy.devices.cpu import describe_cpu
+from odconv_deploy.devices.cpu import describe_cpu, parse_cpuinfo
 from odconv_deploy.devices.protocol import DeviceError
 from odconv_deploy.devices.provision import arm64_layout
 
@@ -66,9 +66,7 @@ class EmulatedArm64Device(Device):
             check.problems.append(f"the emulated Python did not start (status "
                                   f"{done.returncode}): {done.stderr.strip()[-300:]}")
             return check
-        fields = dict((k.strip(), v.strip()) for k, _, v in
-                      (ln.partition(":") for ln in done.stdout.splitlines()))
-        check.details["cpu"] = describe_cpu(fields)
+        check.details["cpu"] = describe_cpu(parse_cpuinfo(done.stdout))
         wheels = sorted(self.layout.site.glob("onnxruntime-*.dist-info"))
         if wheels:
             check.runtimes["onnxruntime"] = wheels[0].name.removesuffix(".dist-info").split("-")[1]

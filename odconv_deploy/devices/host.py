@@ -12,29 +12,17 @@ import sys
 from pathlib import Path
 
 from odconv_deploy.devices.base import ORT_RUNNER, Device, DeviceCheck
-from odconv_deploy.devices.cpu import describe_cpu
+from odconv_deploy.devices.cpu import describe_cpu, parse_cpuinfo
 from odconv_deploy.devices.protocol import DeviceError
 from odconv_deploy.devices.provision import ensure_host_bundle
 
 
 def read_cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
-    """The first processor's ``key: value`` lines of a cpuinfo file (empty if unreadable).
-
-    ``programs/ort_runner.py`` keeps its own copy: it runs on devices without this package.
-    """
-    fields: dict[str, str] = {}
+    """The first processor's ``key: value`` lines of a cpuinfo file (empty if unreadable)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        return parse_cpuinfo(Path(path).read_text())
     except OSError:
-        return fields
-    for line in lines:
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
+        return {}
 
 
 class HostDevice(Device):

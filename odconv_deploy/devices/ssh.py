@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from odconv_deploy.devices.base import ORT_RUNNER, Device, DeviceCheck
-from odconv_deploy.devices.cpu import describe_cpu
+from odconv_deploy.devices.cpu import describe_cpu, parse_cpuinfo
 from odconv_deploy.devices.protocol import DeviceError
 from odconv_deploy.devices.provision import arm64_layout, ensure_host_bundle
 
@@ -120,9 +120,7 @@ class SshDevice(Device):
         self.workdir = facts.get("pwd", self.workdir)
         check.details.update(os=facts.get("os"), workdir=self.workdir,
                              free_bytes=1024 * int(facts.get("free_kb") or 0),
-                             cpu=describe_cpu(dict(
-                                 (k.strip(), v.strip()) for k, _, v in
-                                 (ln.partition(":") for ln in cpuinfo.splitlines()))))
+                             cpu=describe_cpu(parse_cpuinfo(cpuinfo)))
         python_line = next((ln[3:] for ln in head.splitlines() if ln.startswith("py:")), "")
         if python_line.startswith("ort="):
             check.runtimes["onnxruntime"] = python_line[4:]
