@@ -98,3 +98,38 @@ def test_export_with_tune_records_the_plan(tmp_path, monkeypatch, capsys):
     (plan,) = json.loads((out / "tuning.json").read_text())
     assert plan["target"] == "onnxruntime" and len(plan["forms"]) == 4
     assert (tmp_path / "cache" / "tuning.json").exists()
+
+
+@pytest.mark.parametrize("whole_graph_ms", [None, {"tune": 2.0, "auto": 1.0}])
+def test_a_tuned_plan_that_differs_from_autos_is_timed_whole_and_the_faster_kept(
+        digits, tmp_path, monkeypatch, whole_graph_ms):
+    """Layer timings that favour static_weight make the plan differ from auto's; the whole
+    graphs are then timed (for real, or with the given figures) and the faster plan is kept."""
+    import runtime_bench.tune as tune
+
+    loaded, specs = digits
+    real_time_forms = tune._time_forms
+
+    def timings(results, inputs, device, settings):
+        if set(results) == {"tune", "auto"}:
+            assert all(r.path.stat().st_size > 0 for r in results.values())  # real exports
+            return (real_time_forms(results, inputs, device, settings)
+                    if whole_graph_ms is None else whole_graph_ms)
+        return {form: 1.0 if form == "static_weight" else 2.0 for form in results}
+
+    monkeypatch.setattr(tune, "_time_forms", timings)
+    plan = tune_plan(loaded.model, loaded.io_spec, "executorch", dynamic_batch=False,
+                     cache=TuningCache(tmp_path / "tuning.json"), settings=QUICK)
+    auto_forms = tuple(AutoStrategy("executorch", False).choose(s) for s in specs)
+    tuned = ("static_weight",) * len(specs)
+    check = plan.whole_graph
+    assert check is not None and check.tuned_ms > 0 and check.auto_ms > 0
+    faster = "tune" if check.tuned_ms <= check.auto_ms else "auto"
+    assert check.kept == faster
+    assert plan.forms == (tuned if faster == "tune" else auto_forms)
+    assert [c.chosen for c in plan.layers] == list(tuned)  # the layer timings stay on record
+    assert "Whole graph: tuned plan" in plan.to_markdown()
+    # the second run takes the whole-graph figures from the cache, with the same outcome
+    again = tune_plan(loaded.model, loaded.io_spec, "executorch", dynamic_batch=False,
+                      cache=TuningCache(tmp_path / "tuning.json"), settings=QUICK)
+    assert again.whole_graph.cached and again.forms == plan.forms
