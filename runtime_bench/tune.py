@@ -90,6 +90,8 @@ class LayerChoice:
     timings_ms: dict[str, float]
     chosen: str
     cached: bool = False
+    #: ``depthwise 3x3``, ``1x1`` or ``3x3`` (what the per-class sums of a profile group by).
+    kind: str = ""
 
 
 @dataclass
@@ -117,12 +119,13 @@ class TunedPlan:
         if not self.layers:
             return f"Tuning for {self.target}: {self.note}\n"
         forms = sorted({f for c in self.layers for f in c.timings_ms})
-        rows = [[c.layer, "x".join(map(str, c.input_shape)),
+        rows = [[c.layer, c.kind, "x".join(map(str, c.input_shape)),
                  *(f"{c.timings_ms[f]:.3f}" if f in c.timings_ms else "-" for f in forms),
                  c.chosen, "cache" if c.cached else "timed"] for c in self.layers]
         head = (f"Tuned plan for {self.target} ({'dynamic' if self.dynamic_batch else 'fixed'}"
                 f" batch) on {self.where}, {self.runtime}: median ms per form")
-        lines = [head, "", *markdown_table(["layer", "input", *forms, "chosen", "source"], rows)]
+        lines = [head, "", *markdown_table(
+            ["layer", "conv", "input", *forms, "chosen", "source"], rows)]
         check = self.whole_graph
         if check is not None:
             kept = ("the tuned plan" if check.kept == "tune"
@@ -131,6 +134,12 @@ class TunedPlan:
                       f"{check.auto_ms:.3f} ms ({'cache' if check.cached else 'timed'}); kept "
                       f"{kept}."]
         return "\n".join(lines) + "\n"
+
+
+def layer_kind(spec: ODConvSpec) -> str:
+    """``depthwise 3x3``, ``1x1`` or ``3x3``: the class of conv a layer is."""
+    size = f"{spec.kernel_size}x{spec.kernel_size}"
+    return f"depthwise {size}" if spec.depthwise else size
 
 
 def tuning_key(spec: ODConvSpec, input_shape: Sequence[int], *, target: str,
@@ -375,7 +384,8 @@ def tune_plan(model: nn.Module, io_spec: IOSpec, target: str, *, dynamic_batch: 
                 cache.put(key, timings)
             chosen = min(timings, key=timings.get)
             forms.append(chosen)
-            plan.layers.append(LayerChoice(spec.name, shape, key, timings, chosen, cached))
+            plan.layers.append(LayerChoice(spec.name, shape, key, timings, chosen, cached,
+                                           layer_kind(spec)))
         plan.forms = tuple(forms)
         if settings.whole_graph and plan.forms != auto_forms:
             progress(f"tune: the tuned plan's whole graph against auto's ({target})")
