@@ -75,6 +75,34 @@ def conv_matmul_macs(graph_module: torch.fx.GraphModule) -> tuple[int, Counter]:
     return total, names
 
 
+def xnnpack_partitioner() -> object:
+    """XNNPACK's partitioner, also delegating fp32 linears whose weight is computed at run time.
+
+    Stock, a linear is delegated only with a constant weight, and the partitioner's one switch
+    (``force_non_static_weights_for_f32_linear``) makes every fp32 linear take its weight at
+    run time, so constant weights (attention, classifier) would be repacked on each inference.
+    This config keeps constant weights prepacked and sends computed ones (``dynamic_linear``
+    layers) to XNNPACK's fully-connected op, which packs them per run.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.utils.utils import get_input_node, is_param_node
+
+    class RuntimeWeightLinearConfig(LinearConfig):
+        def _get_weight_deps(self, node: torch.fx.Node, ep: object, precision: object
+                             ) -> tuple[bool, list[torch.fx.Node]]:
+            weight = get_input_node(node, self.weight_idx)
+            if precision == ConfigPrecisionType.FP32 and not is_param_node(ep, weight):
+                return True, []  # a run-time operand of the op, like its input
+            return super()._get_weight_deps(node, ep, precision)
+
+    configs = [RuntimeWeightLinearConfig if config is LinearConfig else config
+               for config in ALL_PARTITIONER_CONFIGS]
+    return XnnpackPartitioner(configs=configs)
+
+
 def _restore_batch_range(edge: object, max_batch: int) -> None:
     """Undo a batch-range narrowing that lowering convs to XNNPACK introduces.
 
@@ -139,7 +167,6 @@ def export_executorch(
         ExportError: torch.export or lowering failed (the message names the cause).
     """
     require_backend("executorch", extra="executorch", purpose="ExecuTorch export")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
@@ -170,7 +197,7 @@ def export_executorch(
                                              dynamic_batch=dynamic_batch)
                 exported = torch.export.export(converted, inputs, dynamic_shapes=dims)
             total_macs, _ = conv_matmul_macs(exported.graph_module)
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            edge = to_edge_transform_and_lower(exported, partitioner=[xnnpack_partitioner()])
             lowered = edge.exported_program().graph_module
             info = get_delegation_info(lowered)
             if dynamic_batch:

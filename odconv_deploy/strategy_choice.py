@@ -104,8 +104,10 @@ def admissible_forms(spec: ODConvSpec, target: str, dynamic_batch: bool) -> tupl
     ``im2col`` and ``static_weight`` (constant conv weights; XNNPACK delegates its convs) fit
     every target; ``depthwise_taps`` depthwise layers; ``dynamic_weight`` ONNX graphs with a
     fixed batch (it bakes the batch in; XNNPACK does not delegate a run-time conv weight, and
-    coremltools fails on depthwise ones); ``ort_nchwc`` fixed-batch ONNX Runtime graphs on a
-    CPU with NCHWc kernels, for layers whose channels fit its block.
+    coremltools fails on depthwise ones); ``dynamic_linear`` fixed-batch ExecuTorch programs,
+    for regular stride-1 layers (XNNPACK's fully-connected takes a run-time weight);
+    ``ort_nchwc`` fixed-batch ONNX Runtime graphs on a CPU with NCHWc kernels, for layers
+    whose channels fit its block.
     """
     target = canonical_target(target, warn=False)
     forms = [DEFAULT_STRATEGY, "static_weight"]
@@ -113,6 +115,8 @@ def admissible_forms(spec: ODConvSpec, target: str, dynamic_batch: bool) -> tupl
         forms.append("depthwise_taps")
     if not dynamic_batch and target in ("onnx", "onnxruntime"):
         forms.append("dynamic_weight")
+    if not dynamic_batch and target == "executorch" and spec.groups == 1 and spec.stride == 1:
+        forms.append("dynamic_linear")
     if not dynamic_batch and target == "onnxruntime":
         block = ort_nchwc_block()
         if block is not None and nchwc_unsupported_reason(

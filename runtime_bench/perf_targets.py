@@ -138,6 +138,12 @@ def run_targets(out: Path, threads: tuple[int, ...], settings: MeasureSettings,
 TARGET_ORDER = {(t.model, t.kernel_num, t.format, t.batch): i for i, t in enumerate(TARGETS)}
 
 
+def _table_order(record: dict[str, object]) -> tuple[int, int, int]:
+    """Target row, then threads, then variant."""
+    return (TARGET_ORDER[record_key(record)[:4]], record["threads"],
+            list(VARIANTS).index(record["strategy"]))
+
+
 def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> str:
     """The target table with measured ratios."""
     lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores, "
@@ -151,8 +157,7 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
              "have (ODConv minus twin weight bytes) at the read bandwidth probed in the run.",
              ""]
     rows: list[list[object]] = []
-    for r in sorted(records, key=lambda r: (TARGET_ORDER[record_key(r)[:4]], r["threads"],
-                                            list(VARIANTS).index(r["strategy"]))):
+    for r in sorted(records, key=_table_order):
         head = [f"{r['model']} k={r['kernel_num']}", r["format"], r["batch"],
                 f"{r['strategy']} ({r['batch_axis']})", r["threads"]]
         if r["status"] != "ok":
@@ -174,8 +179,8 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
                   "class of conv; the whole graphs are in the table above).", ""]
         lines += markdown_table(["graph", "format", "conv", "layers", "forms chosen",
                                  "sum of layer ms"], profile)
-    checks = [(r, plan["whole_graph"]) for r in records for plan in r.get("tuning") or []
-              if plan.get("whole_graph")]
+    checks = [(r, plan["whole_graph"]) for r in sorted(records, key=_table_order)
+              for plan in r.get("tuning") or [] if plan.get("whole_graph")]
     if checks:
         lines += ["", "Whole-graph checks (tune's plan differed from auto's; both timed whole, "
                   "the faster kept):", ""]
@@ -188,7 +193,7 @@ def to_markdown(records: list[dict[str, object]], machine: dict[str, str]) -> st
 def layer_class_rows(records: list[dict[str, object]]) -> list[list[object]]:
     """Per tune record and class of conv: layers, chosen forms and the sum of their medians."""
     rows: list[list[object]] = []
-    for r in records:
+    for r in sorted(records, key=_table_order):
         for plan in r.get("tuning") or []:
             classes: dict[str, list[dict[str, object]]] = {}
             for layer in plan["layers"]:

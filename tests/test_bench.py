@@ -183,6 +183,20 @@ def test_depthwise_forms_build_the_layer_asked_for():
     assert static.groups == 8 and static.stride == (2, 2)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_taps_core_is_the_depthwise_conv_of_its_given_weight(stride):
+    """What depthwise_forms times as the floor of the per-sample depthwise is that conv."""
+    import torch
+    import torch.nn.functional as F
+
+    from runtime_bench.depthwise_forms import build
+
+    core = build("taps_core", 8, stride, seed=0).double()
+    x = torch.randn(1, 8, 13, 13, dtype=torch.float64)
+    expected = F.conv2d(x, core.weight.reshape(8, 1, 3, 3), None, stride, 1, groups=8)
+    assert torch.allclose(core(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_perf_targets_table_is_rebuilt_from_its_committed_json():
     from pathlib import Path
 

@@ -64,6 +64,15 @@ def test_depthwise_taps_is_exact_float64(cfg):
     _check_exact_float64(cfg, "depthwise_taps")
 
 
+#: Regular stride-1 geometries of the sweep, for the form that takes only those.
+STRIDE1_REGULAR_CONFIGS = [c for c in CONFIGS if c[6] == 1 and c[3] == 1]
+
+
+@pytest.mark.parametrize("cfg", STRIDE1_REGULAR_CONFIGS, ids=lambda c: CONFIG_ID(*c))
+def test_dynamic_linear_is_exact_float64(cfg):
+    _check_exact_float64(cfg, "dynamic_linear")
+
+
 def test_the_sweep_has_enough_depthwise_geometries():
     assert len(DEPTHWISE_CONFIGS) >= 10
     assert {c[2] for c in DEPTHWISE_CONFIGS} >= {3, 5}
@@ -110,9 +119,10 @@ def test_equivalence_check_can_fail(strategy):
     block = nn.Sequential(ODConv2d(cin, cout, 3, padding=1, groups=groups, kernel_num=4),
                           nn.BatchNorm2d(cout))
     block = randomize_odconv(block.double()).eval()
-    if strategy == "ort_nchwc":
+    if strategy in ("ort_nchwc", "dynamic_linear"):  # forms no strategy name selects
+        options = {"block": 4} if strategy == "ort_nchwc" else {}
         deploy = nn.Sequential(LAYER_FORMS[strategy].from_spec(inspect_odconv(block[0]),
-                                                               block[1], block=4),
+                                                               block[1], **options),
                                nn.Identity()).eval()
     else:
         deploy = (convert_model(block, strategy="auto", target="executorch") if groups > 1

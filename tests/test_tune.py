@@ -34,6 +34,14 @@ def test_each_target_admits_only_the_forms_it_can_run(digits):
     assert "dynamic_weight" not in admissible_forms(regular, "onnx", True)
     assert "dynamic_weight" in admissible_forms(regular, "onnx", False)
     assert "ort_nchwc" not in admissible_forms(regular, "onnx", False)  # ORT's CPU only
+    # XNNPACK's fully-connected takes a run-time weight: fixed-batch programs, regular
+    # stride-1 layers
+    pointwise = specs[2]  # conv3: 1x1, stride 1
+    assert "dynamic_linear" in admissible_forms(pointwise, "executorch", False)
+    assert "dynamic_linear" not in admissible_forms(pointwise, "executorch", True)
+    assert "dynamic_linear" not in admissible_forms(regular, "executorch", False)  # stride 2
+    assert "dynamic_linear" not in admissible_forms(depthwise, "executorch", False)
+    assert "dynamic_linear" not in admissible_forms(pointwise, "onnxruntime", False)
 
 
 def test_the_cache_key_changes_with_runtime_version_cpu_and_geometry(digits):

@@ -4,6 +4,7 @@ from odconv_deploy.layers.deploy import (
     DEFAULT_STRATEGY,
     DEPLOY_STRATEGIES,
     DepthwiseTapsODConv2d,
+    DynamicLinearODConv2d,
     DynamicWeightODConv2d,
     Im2colODConv2d,
     ODConv2dDeploy,
@@ -17,6 +18,7 @@ from odconv_deploy.layers.ort_nchwc import OrtNchwcODConv2d
 LAYER_FORMS: dict[str, type[ODConv2dDeploy]] = {
     **DEPLOY_STRATEGIES,
     DepthwiseTapsODConv2d.form: DepthwiseTapsODConv2d,
+    DynamicLinearODConv2d.form: DynamicLinearODConv2d,
     OrtNchwcODConv2d.form: OrtNchwcODConv2d,
 }
 
@@ -26,6 +28,7 @@ __all__ = [
     "LAYER_FORMS",
     "DepthwiseTapsODConv2d",
     "Attentions",
+    "DynamicLinearODConv2d",
     "DynamicWeightODConv2d",
     "Im2colODConv2d",
     "ODAttention",

@@ -403,7 +403,11 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
             weight = weight * att.spatial.reshape(-1, 1, taps)
         # [B, C, k*k, 1]: tap t is the slice [:, :, t:t+1], already [B, C, 1, 1] (an index
         # would be a select, which XNNPACK does not delegate).
-        weight = weight.reshape(-1, channels, taps, 1)
+        return self._finish(self.multiply_taps(x, weight.reshape(-1, channels, taps, 1)),
+                            att.filter)
+
+    def multiply_taps(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The depthwise conv of ``x`` with a per-sample ``[B, C, k*k, 1]`` weight, tap by tap."""
         p = self.padding
         padded = F.pad(x, (p, p, p, p)) if p else x
         out_h, out_w = self.output_size(x.shape[2], x.shape[3])
@@ -411,7 +415,81 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
         for t, view in enumerate(self._tap_views(padded, out_h, out_w)):
             term = view * weight[:, :, t:t + 1]
             out = term if out is None else out + term
-        return self._finish(out, att.filter)
+        return out
+
+
+class DynamicLinearODConv2d(Im2colODConv2d):
+    """Deploy form for XNNPACK: im2col in channels-last order, then a run-time-weight linear.
+
+    XNNPACK takes no conv whose filter is computed at run time, but its fully-connected op
+    takes a run-time weight (packed per inference). Here the ``k*k`` shifted views of the
+    channels-last input are concatenated into ``[H*W, k*k*C_in]`` columns and multiplied by
+    the per-sample ``[C_out, k*k*C_in]`` weight in one linear: no one-hot conv, no ``9x``
+    transposes between layouts, no packing of the ``9x`` columns (``bmm`` packs its second
+    operand, the columns; the linear packs the weight). It wins where the weight is the
+    smaller operand (``C_out`` below the output pixels: early layers) and loses where it is
+    not, so ``tune`` chooses it per layer, for fixed-batch ExecuTorch programs. The bank is
+    stored tap-major (``[C_out*k*k*C_in, K]``) to match the columns. Regular convs with
+    stride 1 only; one linear per sample, so exported graphs have a fixed batch.
+    """
+
+    form = "dynamic_linear"
+    supports_dynamic_batch = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: object
+                 ) -> None:
+        groups, stride = int(kwargs.get("groups", 1)), int(kwargs.get("stride", 1))
+        if groups != 1 or stride != 1:
+            raise UnsupportedLayerError(
+                f"Strategy 'dynamic_linear' takes regular stride-1 convs only (groups == 1, "
+                f"stride == 1); got in={in_channels}, out={out_channels}, groups={groups}, "
+                f"stride={stride}. Note: use 'im2col', or strategy='tune', which offers it "
+                "where it fits.")
+        super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+
+    def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return weight.permute(0, 1, 3, 4, 2).reshape(self.kernel_num, -1).t()
+
+    def _columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``[H_out*W_out, k*k*C_in]``: the channels-last im2col of one sample, tap-major."""
+        k, p, d = self.kernel_size, self.padding, self.dilation
+        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+        padded = (F.pad(x, (p, p, p, p)) if p else x).permute(0, 2, 3, 1)
+        if k == 1:
+            return padded.reshape(-1, self.in_channels)
+        views = [padded[:, r * d:r * d + out_h, c * d:c * d + out_w, :]
+                 for r in range(k) for c in range(k)]
+        return torch.cat(views, dim=3).reshape(-1, self.taps * self.in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference-mode forward."""
+        self._check(x)
+        att = self.attentions(x)
+        cout, cin, taps = self.out_channels, self.in_channels, self.taps
+        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+        scale = att.channel.reshape(-1, 1, 1, cin)
+        if att.spatial is not None:
+            scale = scale * att.spatial.reshape(-1, 1, taps, 1)
+        weight = self.aggregated_weight(att).reshape(-1, cout, taps, cin) * scale
+        filter_on_weight = att.filter is not None and out_h * out_w > taps * cin
+        if filter_on_weight:
+            weight = weight * att.filter.reshape(-1, cout, 1, 1)
+        weight = weight.reshape(-1, cout, taps * cin)
+        outs = []
+        single = x.shape[0] == 1  # batch 1: reshapes, not per-sample indexing (see above)
+        for b in range(x.shape[0]):
+            xb, wb = (x, weight.reshape(cout, -1)) if single else (x[b:b + 1], weight[b])
+            # No bias in the linear: ExecuTorch 1.5's XNNPACK runtime crashes on a
+            # fully-connected op with a run-time weight and a constant bias.
+            out = F.linear(self._columns(xb), wb)
+            if att.filter is not None and not filter_on_weight:
+                out = out * (att.filter.reshape(1, cout) if single else att.filter[b:b + 1])
+            if self.bias is not None:
+                out = out + self.bias
+            # contiguous: a permuted output keeps channels-last strides through the next
+            # ops, and torch.export then writes an as_strided copy (outside XNNPACK).
+            outs.append(out.reshape(1, out_h, out_w, cout).permute(0, 3, 1, 2).contiguous())
+        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
 
 class DynamicWeightODConv2d(ODConv2dDeploy):
