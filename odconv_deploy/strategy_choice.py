@@ -20,6 +20,9 @@ in ``runtime_bench/results/auto_rules.md``:
 - **executorch** (XNNPACK): depthwise layers take ``depthwise_taps`` (every other layer
   ``im2col``), faster than the one-hot im2col at every od_mobilenetv2_100 shape. Never
   ``dynamic_weight``: XNNPACK does not delegate a conv whose weight is computed at run time.
+  ``dynamic_linear`` (a run-time-weight linear, which XNNPACK does delegate) is left to
+  ``tune``: it wins or loses by ``C_out`` against the output pixels, which these rules, given
+  no input size, cannot see.
 - **coreml**: ``im2col`` everywhere; coremltools 9 fails to convert od_mobilenetv2 as soon as
   its depthwise layers are ``dynamic_weight``.
 - **torch** (eager PyTorch): ``im2col`` everywhere.
