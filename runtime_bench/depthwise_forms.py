@@ -54,7 +54,7 @@ class TapsCore(nn.Module):
     def __init__(self, layer: DepthwiseTapsODConv2d) -> None:
         super().__init__()
         self.layer = layer
-        self.register_buffer("weight", torch.randn(1, layer.in_channels, layer.taps, 1))
+        self.register_buffer("weight", torch.randn(1, layer.in_channels, layer.taps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.layer.multiply_taps(x, self.weight)

@@ -36,9 +36,11 @@ GEOMETRIES = [(8, 12, 3, 1, 1, 1, 1, 4), (8, 8, 3, 2, 1, 1, 8, 4), (8, 16, 1, 1,
 
 def takes(form: str, cfg: tuple[int, ...]) -> bool:
     """Whether deploy form ``form`` is made for geometry ``cfg``."""
-    cin, cout, k, _, _, _, g, _ = cfg
+    cin, cout, k, stride, _, _, g, _ = cfg
     if form == "depthwise_taps":
         return cin == cout == g
+    if form == "dynamic_linear":
+        return g == 1 and stride == 1
     return form != "ort_nchwc" or (k > 1 and g in (1, cin))
 
 

@@ -372,26 +372,6 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
         # Derived constant (not saved): the identity depthwise kernel that extracts a phase.
         self.register_buffer("phase_kernel", torch.ones(in_channels, 1, 1, 1), persistent=False)
 
-    def _tap_views(self, padded: torch.Tensor, out_h: int, out_w: int) -> list[torch.Tensor]:
-        """The ``k*k`` input views, each ``[B, C, out_h, out_w]``, in tap order."""
-        k, s, d = self.kernel_size, self.stride, self.dilation
-        phases: dict[tuple[int, int], torch.Tensor] = {}
-        views = []
-        for t in range(self.taps):
-            row, col = divmod(t, k)
-            row, col = row * d, col * d  # offsets in the padded input
-            if s == 1:
-                views.append(padded[:, :, row:row + out_h, col:col + out_w])
-                continue
-            phase = (row % s, col % s)
-            if phase not in phases:
-                source = padded[:, :, phase[0]:, phase[1]:] if any(phase) else padded
-                phases[phase] = F.conv2d(source, self.phase_kernel, None, s,
-                                         groups=self.in_channels)
-            r, c = row // s, col // s
-            views.append(phases[phase][:, :, r:r + out_h, c:c + out_w])
-        return views
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
         self._check(x)
@@ -401,21 +381,43 @@ class DepthwiseTapsODConv2d(Im2colODConv2d):
                   * att.channel.reshape(-1, channels, 1))
         if att.spatial is not None:
             weight = weight * att.spatial.reshape(-1, 1, taps)
-        # [B, C, k*k, 1]: tap t is the slice [:, :, t:t+1], already [B, C, 1, 1] (an index
-        # would be a select, which XNNPACK does not delegate).
-        return self._finish(self.multiply_taps(x, weight.reshape(-1, channels, taps, 1)),
-                            att.filter)
+        return self._finish(self.multiply_taps(x, weight), att.filter)
 
     def multiply_taps(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The depthwise conv of ``x`` with a per-sample ``[B, C, k*k, 1]`` weight, tap by tap."""
-        p = self.padding
-        padded = F.pad(x, (p, p, p, p)) if p else x
+        """The depthwise conv of ``x`` with a per-sample ``[B, C, k*k]`` weight, tap by tap.
+
+        The taps are read from flattened maps: with the rows of the padded input (of one of its
+        phases, for a stride ``s > 1``) laid end to end, tap ``(r, c)`` of all output pixels is
+        one contiguous run of the last axis from ``r * pitch + c``, a plain copy per channel
+        instead of a 2-D window (25% faster in XNNPACK); the ``pitch - W_out`` values computed
+        past each row's end are cropped once, at the end. The input is padded to whole
+        phases plus ``s`` more rows, which the last taps' runs reach into.
+        """
+        k, s, d, p = self.kernel_size, self.stride, self.dilation, self.padding
+        channels = self.in_channels
         out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+        height, width = x.shape[2] + 2 * p, x.shape[3] + 2 * p
+        extra_w, extra_h = (-width) % s, (-height) % s + s
+        padded = F.pad(x, (p, p + extra_w, p, p + extra_h))
+        pitch, length = (width + extra_w) // s, out_h * (width + extra_w) // s
+        flat: dict[tuple[int, int], torch.Tensor] = {}
         out = None
-        for t, view in enumerate(self._tap_views(padded, out_h, out_w)):
-            term = view * weight[:, :, t:t + 1]
+        for t in range(self.taps):
+            row, col = divmod(t, k)
+            row, col = row * d, col * d  # offsets in the padded input
+            phase = (row % s, col % s)
+            if phase not in flat:
+                source = padded
+                if s > 1:
+                    shifted = padded[:, :, phase[0]:, phase[1]:] if any(phase) else padded
+                    source = F.conv2d(shifted, self.phase_kernel, None, s, groups=channels)
+                flat[phase] = source.reshape(-1, channels, source.shape[2] * source.shape[3])
+            begin = row // s * pitch + col // s
+            # [B, C, 1]: a slice, not an index (a select, which XNNPACK does not delegate)
+            term = flat[phase][:, :, begin:begin + length] * weight[:, :, t:t + 1]
             out = term if out is None else out + term
-        return out
+        out = out.reshape(-1, channels, out_h, pitch)
+        return out if pitch == out_w else out[:, :, :, :out_w]
 
 
 class DynamicLinearODConv2d(Im2colODConv2d):
