@@ -39,6 +39,7 @@ from export.result import ExportFormat
 from export.to_executorch import export_executorch
 from export.to_onnx import export_onnx
 from odconv_deploy._atomic import atomic_output
+from odconv_deploy._version import __version__
 from odconv_deploy.conversions import Conversions
 from odconv_deploy.detect import inspect_odconv
 from odconv_deploy.devices import Device, DeviceRunner
@@ -54,8 +55,9 @@ from odconv_deploy.strategy_choice import TUNE_STRATEGY, AutoStrategy, admissibl
 #: Targets timed here, and the runtime that times each.
 TUNED_TARGETS = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime",
                  "executorch": "executorch"}
-#: Version of the cache's key layout; a change re-times everything.
-CACHE_VERSION = 1
+#: Version of the cache's keys and of the forms' graphs as timed; a change re-times
+#: everything (2: depthwise_taps reads flat runs; dynamic_linear).
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -149,15 +151,16 @@ def tuning_key(spec: ODConvSpec, input_shape: Sequence[int], *, target: str,
 
     Two layers share timings only when everything that decides their speed is the same: the
     layer's shape and attention heads, its input, the target and batch mode, the runtime and
-    its version, the CPU model with its kernel-deciding features, and the thread count.
+    its version, the CPU model with its kernel-deciding features, the thread count, and this
+    package's release (which writes the forms' graphs).
     """
     geometry = {"in": spec.in_channels, "out": spec.out_channels, "k": spec.kernel_size,
                 "stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation,
                 "groups": spec.groups, "kernel_num": spec.kernel_num,
                 "attention": spec.attention_channels, "heads": sorted(spec.heads),
                 "input": list(input_shape)}
-    text = json.dumps({"v": CACHE_VERSION, "geometry": geometry, "target": target,
-                       "dynamic_batch": dynamic_batch, "runtime": runtime,
+    text = json.dumps({"v": CACHE_VERSION, "package": __version__, "geometry": geometry,
+                       "target": target, "dynamic_batch": dynamic_batch, "runtime": runtime,
                        "version": runtime_version, "cpu": cpu, "threads": threads},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
