@@ -13,7 +13,7 @@ runtime release or another CPU times afresh.
 A layer timed alone misses what it costs inside the graph (the layout changes between its
 neighbours, fusions, caches): where the per-layer choices differ from ``auto``'s plan, both
 whole graphs are exported and timed the same way and the faster plan is kept (on
-od_mobilenetv2_100's ``.pte`` the per-layer plan was 6% slower than ``auto``'s).
+od_mobilenetv2_100's ``.pte`` the per-layer plan was 7% slower than ``auto``'s).
 
 The fixed rules of ``auto`` remain the fallback: for targets that are not timed here (Core ML
 off macOS, PyTorch eager) and for emulated devices (their timings say nothing about latency).
