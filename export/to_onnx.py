@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.nchwc_graph import count_unblocked_convs, rewrite_nchwc_convs
+from export.nchwc_graph import (
+    count_unblocked_convs,
+    keep_blocked_between_convs,
+    rewrite_nchwc_convs,
+    tensor_shapes,
+)
 from export.prepare import (
     PreparedModel,
     check_batch_size,
@@ -100,7 +105,9 @@ def _export(prepared: PreparedModel, target: Path, opset: int, exporter: str,
 
 def _use_nchwc_kernels(proto: object, block: int) -> int:
     """Rewrite the ``ort_nchwc`` layers' convs to ORT's NCHWc ops; checked, returns how many."""
+    shapes = tensor_shapes(proto)
     rewritten = rewrite_nchwc_convs(proto, block)
+    keep_blocked_between_convs(proto, block, shapes)
     left = count_unblocked_convs(proto, block)
     if left:
         raise ExportError(f"{left} conv(s) of ort_nchwc layers kept their unblocked weight "

@@ -38,6 +38,9 @@ GEOMETRIES = [
     (16, 16, 5, 2, 4, 2, 16, 2, 16),  # depthwise, stride + dilation, block 16 (AVX-512)
     (4, 12, 7, 1, 3, 1, 1, 8, 4),  # 7x7, block 4
     (32, 32, 3, 1, 2, 2, 1, 4, 16),  # dilated regular, block 16
+    (16, 32, 1, 1, 0, 1, 1, 4, 8),  # 1x1: channel and filter attention on the weight
+    (160, 16, 1, 1, 0, 1, 1, 2, 16),  # 1x1, C_in above the pixels: filter on the output
+    (16, 160, 1, 2, 0, 1, 1, 2, 16),  # 1x1 stride 2, C_out above the pixels: channel on input
 ]
 GEOMETRY_ID = "c{}-{}_k{}_s{}_p{}_d{}_g{}_K{}_b{}".format
 
@@ -84,7 +87,7 @@ def test_block_layout_round_trips(depthwise):
 
 
 @pytest.mark.parametrize("args,reason", [
-    ((8, 16, 1, 1, 0, 1, 1), "1x1 conv gains nothing"),
+    ((6, 16, 1, 1, 0, 1, 1), "channels 6 -> 16 are not multiples of the block 8"),
     ((6, 16, 3, 1, 1, 1, 1), "channels 6 -> 16 are not multiples of the block 8"),
     ((12, 12, 3, 1, 1, 1, 12), "depthwise channels 12 are not a multiple of the block 8"),
     ((16, 16, 3, 1, 1, 1, 2), "grouped convs \\(groups=2\\)"),
@@ -97,7 +100,7 @@ def test_layers_that_do_not_fit_are_refused(args, reason):
 
 
 class Net(nn.Module):
-    """Depthwise 3x3 + ReLU6 (fused into the NCHWc conv), 1x1, regular 3x3 with filter head."""
+    """Depthwise 3x3 + ReLU6 (fused into the NCHWc conv), 1x1 + ReLU (fused), regular 3x3."""
 
     def __init__(self):
         super().__init__()
@@ -125,7 +128,7 @@ def test_auto_uses_it_for_ort_with_a_fixed_batch_only(net):
     expected_dw = "ort_nchwc" if BLOCK is not None and 16 % BLOCK == 0 else "dynamic_weight"
     layers = {c.name: c.form for c in convert_model(
         net, strategy="auto", target="onnxruntime", dynamic_batch=False).layers}
-    assert layers == {"dw": expected_dw, "pw": "dynamic_weight", "conv": expected_dw}
+    assert layers == {"dw": expected_dw, "pw": expected_dw, "conv": expected_dw}
     for target, dynamic in (("onnx", False), ("onnxruntime", True)):  # portable / any batch: never
         choice = AutoStrategy(target, dynamic).choose(inspect_odconv(net.dw))
         assert choice != "ort_nchwc"
@@ -136,17 +139,18 @@ def test_auto_uses_it_for_ort_with_a_fixed_batch_only(net):
 def test_ort_runs_the_nchwc_graph_and_matches(net, tmp_path, batch):
     result = export_onnx(net, tmp_path / "n.onnx", strategy="auto", target="onnxruntime",
                          dynamic_batch=False, batch_size=batch, input_shape=SHAPE)
-    assert result.options["layer_forms"] == {"ort_nchwc": 2, "dynamic_weight": 1}
+    assert result.options["layer_forms"] == {"ort_nchwc": 3}
     assert result.options["nchwc_block"] == BLOCK
-    assert result.details["nchwc_convs"] == 2 * batch  # one conv per layer and sample
+    assert result.details["nchwc_convs"] == 3 * batch  # one conv per layer and sample
     proto = onnx.load(str(result.path))
     nchwc_ops = [n for n in proto.graph.node if n.domain == NCHWC_DOMAIN and n.op_type == "Conv"]
-    assert len(nchwc_ops) == 2 * batch
+    assert len(nchwc_ops) == 3 * batch
     assert count_unblocked_convs(proto, BLOCK) == 0
     activations = {a.s for n in nchwc_ops for a in n.attribute if a.name == "activation"}
-    # Batch 1: the depthwise conv's ReLU6 is fused (the other conv is followed by a Mul);
-    # batch 2: the samples' outputs are concatenated first, so nothing is fused.
-    assert activations == ({b"Clip"} if batch == 1 else set())
+    # Batch 1: the depthwise conv's ReLU6 and the 1x1's ReLU are fused (the 3x3's filter
+    # attention scales its output first); batch 2: the samples' outputs are concatenated
+    # first, so nothing is fused.
+    assert activations == ({b"Clip", b"Relu"} if batch == 1 else set())
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta[BLOCK_METADATA_KEY] == str(BLOCK)
     x = torch.randn(batch, *SHAPE[1:])
@@ -198,7 +202,7 @@ def test_unknown_onnx_target_is_refused(net, tmp_path):
 def test_dynamic_image_size_and_ort_format_keep_the_nchwc_convs(net, tmp_path):
     result = export_onnx(net, tmp_path / "dyn.onnx", strategy="auto", target="onnxruntime",
                          dynamic_batch=False, dynamic_spatial=True, input_shape=SHAPE)
-    assert result.details["nchwc_convs"] == 2
+    assert result.details["nchwc_convs"] == 3
     with OnnxRuntimeRunner(result.path) as runner, torch.no_grad():
         for size in (20, 33):  # the guard's shapes follow the input, so any size runs
             x = torch.randn(1, 3, size, size + 4)
@@ -208,7 +212,7 @@ def test_dynamic_image_size_and_ort_format_keep_the_nchwc_convs(net, tmp_path):
         net, tmp_path / "fmt", ["ort"], strategy="auto", dynamic_batch=False,
         onnx_target="onnxruntime", input_shape=SHAPE)}
     assert all(r.ok for r in results.values()), {k: r.error for k, r in results.items()}
-    assert results["onnx"].details["nchwc_convs"] == 2
+    assert results["onnx"].details["nchwc_convs"] == 3
     x = torch.randn(SHAPE)
     with OnnxRuntimeRunner(results["ort"].path) as runner, torch.no_grad():
         (got,) = runner.infer({results["ort"].input_names[0]: x.numpy()}).values()

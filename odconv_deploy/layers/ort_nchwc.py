@@ -5,11 +5,12 @@ kernels; a standard ``Conv`` whose weight is computed at run time takes the gene
 GEMM path (depthwise: one small GEMM per channel). Its contrib op ``com.microsoft.nchwc.Conv``
 reads the weight from its input, though, so this form keeps the kernel bank in the blocked
 layout and aggregates and scales it there, and the ONNX export replaces its conv with that op
-between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`). This brings
-depthwise layers and od_resnet18's convs close to the static twin's kernels; 1x1 convs gain
-nothing (the reorders cost what the kernel saves), so they are refused here and ``auto`` keeps
-them on ``dynamic_weight``. The measurements: ``runtime_bench/results/auto_rules.md`` (and
-``depthwise_forms.md`` beside it for the current per-layer figures).
+between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`), then keeps the
+maps blocked from one such conv to the next wherever the ops between can read them so (an
+inverted residual block runs blocked end to end). This brings depthwise layers and
+od_resnet18's convs close to the static twin's kernels; 1x1 convs gain only inside such
+chains (alone, the reorders around them cost what the kernel saves). The measurements:
+``runtime_bench/results/auto_rules.md``, ``depthwise_forms.md`` and docs/performance.md.
 
 The block size is the CPU's (8 with AVX2, 16 with AVX-512): a graph is built for one block,
 records it (``ort_nchwc_block`` in the ONNX metadata) and carries a guard that makes ONNX
@@ -33,6 +34,8 @@ from odconv_deploy.layers.odconv import Attentions, is_depthwise
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 #: ONNX metadata key holding the block size a graph was built for.
 BLOCK_METADATA_KEY = "ort_nchwc_block"
+#: Values per broadcast span sought where a per-channel factor meets a blocked tensor.
+MAX_SPAN = 256
 
 
 @functools.cache
@@ -64,11 +67,21 @@ def ort_nchwc_block() -> int | None:
     return block if block > 1 else None
 
 
+def span_tile(count: int, block: int) -> int:
+    """How many blocks one broadcast span of a per-channel factor takes in a blocked tensor.
+
+    A factor per channel repeats every ``block`` values in the blocked layout (the channel
+    is the last axis); ONNX Runtime's broadcast over such short spans takes 2.7x the time of
+    a long-span Mul of the same size (measured), so the factor is tiled to ``tile * block``
+    values: ``tile`` is the largest divisor of ``count`` (the blocks in a row) that keeps the
+    span within :data:`MAX_SPAN`.
+    """
+    return max(t for t in range(1, MAX_SPAN // block + 1) if count % t == 0)
+
+
 def nchwc_unsupported_reason(in_channels: int, out_channels: int, kernel_size: int,
                              groups: int, block: int) -> str | None:
     """Why a conv cannot take the NCHWc form with ``block``, or None if it can."""
-    if kernel_size == 1:
-        return "a 1x1 conv gains nothing from it (measured)"
     if is_depthwise(in_channels, out_channels, groups):
         if in_channels % block:
             return f"depthwise channels {in_channels} are not a multiple of the block {block}"
@@ -114,9 +127,11 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
     bank is stored blocked (``[K, C_out*C_in/g*k*k]`` in the order of :func:`block_weight`),
     so the aggregation writes the layout the kernel reads. Channel and spatial attention
     scale the weight through one small factor laid out like one row block of it (one block
-    of output channels); the filter attention scales the output (in the blocked layout it
-    would be a short-span broadcast). Regular (``groups == 1``) and depthwise convs with
-    ``k > 1`` and channels that are multiples of the block only.
+    of output channels); the channel attention of a 1x1 conv scales the input instead where
+    that is smaller (as ``dynamic_weight`` decides). The filter attention scales the output,
+    except on a 1x1 conv whose input channels are fewer than its output pixels: there it
+    scales the weight, its factor tiled to long spans (:func:`span_tile`). Regular
+    (``groups == 1``) and depthwise convs with channels that are multiples of the block only.
 
     Args:
         block: NCHWc block size (default: this machine's, read from ONNX Runtime).
@@ -172,6 +187,17 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
             scale = scale * sample(att.spatial).reshape(spatial_shape)
         return scale.reshape(1, -1)
 
+    def _scale_rows(self, kernel: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+        """The blocked kernel with output channel ``o`` scaled by ``filt[o]``.
+
+        The factor is tiled to long broadcast spans (:func:`span_tile`).
+        """
+        b, rows = self.block, self.out_channels // self.block
+        per_row = self.in_channels // self.groups * self.taps  # values per row block / b
+        tile = span_tile(per_row, b)
+        factor = filt.reshape(rows, 1, 1, b).expand(rows, 1, tile, b).reshape(rows, 1, -1)
+        return kernel.reshape(rows, per_row // tile, tile * b) * factor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-mode forward."""
         self._check(x)
@@ -180,17 +206,21 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
         # With a spatial factor the weight is scaled anyway, so the channel factor joins it.
         channel_on_weight = (att.spatial is not None
                              or self._channel_on_weight(x.shape[2] * x.shape[3]))
+        out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+        filter_on_weight = (att.filter is not None and self.kernel_size == 1
+                            and self.in_channels <= out_h * out_w)
 
         def conv_weight(kernel: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]
                         ) -> torch.Tensor:
             if channel_on_weight:  # each row: one block of output channels
                 scale = self._weight_scale(att, sample)
                 kernel = kernel.reshape(-1, scale.shape[1]) * scale
+            if filter_on_weight:
+                kernel = self._scale_rows(kernel, sample(att.filter))
             # Exported as Reshape -> Transpose -> Reshape -> Conv, which the ONNX export
             # rewrites to ORT's NCHWc ops on the blocked weight (export/nchwc_graph.py).
             return unblock_weight(kernel, self.out_channels, cin_g, self.kernel_size,
                                   self.block, self.depthwise)
 
-        # The filter attention always scales the output (see the class docstring).
         return self._per_sample_convs(x, att, self.bank(), channel_on_weight,
-                                      att.filter is None, conv_weight)
+                                      att.filter is None or filter_on_weight, conv_weight)
