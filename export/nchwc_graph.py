@@ -6,6 +6,10 @@ PyTorch, unblocks it for an ordinary conv, so the tracer writes::
     Reshape(blocked, [C_out/b, C_in/b, k, k, b, b]) -> Transpose(0,5,1,4,2,3)
         -> Reshape([C_out, C_in, k, k]) -> Conv          (depthwise: [C/b, k, k, b], (0,3,1,2))
 
+(with a Slice before the Conv that crops the padding channels where ``C_in`` or ``C_out`` is
+not a multiple of ``b``: the blocked maps then carry ``ceil(C/b) * b`` channels, and the
+rewritten conv a zero-padded bias).
+
 This pass replaces each such chain with the ops ORT's own layout transformer produces for a
 static conv, fed the blocked weight directly::
 
@@ -16,7 +20,8 @@ static conv, fed the blocked weight directly::
 custom-domain op, which breaks the export of the next ``dynamic_weight`` conv.) A guard
 makes a CPU with another block fail instead of reading the weight in the wrong layout:
 ``ReorderInput`` pads a 4-channel slice of the input to one block of the running CPU, and
-the input's reshape to ``[N, C/b * that block, H, W]`` is the identity only if the two match
+the reordered input's reshape to ``[N, ceil(C/b) * that block, H, W]`` is the identity only
+if the two match
 (ONNX Runtime folds it away at load; on a mismatch it fails with a Reshape error). One guard
 fails the whole graph, so only the first rewritten conv carries it.
 
@@ -54,13 +59,33 @@ def _constant(graph: object, name: str, producers: dict[str, object]) -> np.ndar
     return None
 
 
-def _unblock_chain(graph: object, conv: object, producers: dict[str, object], block: int
-                   ) -> tuple[str, list[object], np.ndarray] | None:
-    """The blocked weight's name, the chain nodes and the conv weight's shape, or None.
+def _crop(graph: object, node: object, producers: dict[str, object]) -> dict[int, int] | None:
+    """``{axis: end}`` of a Slice that keeps the leading ``end`` entries of axes 0 and 1."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return None
+    starts, ends, axes = (_constant(graph, name, producers) for name in node.input[1:4])
+    steps = _constant(graph, node.input[4], producers) if len(node.input) > 4 else None
+    if starts is None or ends is None or axes is None or starts.any() or (
+            steps is not None and (steps != 1).any()):
+        return None
+    crop = {int(a): int(e) for a, e in zip(axes.reshape(-1), ends.reshape(-1), strict=True)}
+    return crop if set(crop) <= {0, 1} else None
 
-    None unless ``conv``'s weight is an unblocked one of this block.
+
+def _unblock_chain(graph: object, conv: object, producers: dict[str, object], block: int
+                   ) -> tuple[str, list[object], np.ndarray, int] | None:
+    """Where ``conv``'s weight comes from, if it is an unblocked one of this block, else None.
+
+    That is the blocked weight's name, the chain's nodes, the blocked weight's shape as a conv
+    weight (padding channels included) and the conv's output channels. A layer with padding
+    channels crops the unblocked weight (one or two Slices).
     """
     outer = producers.get(conv.input[1])
+    crops, out_channels = [], None
+    while outer is not None and (crop := _crop(graph, outer, producers)) is not None:
+        crops.append(outer)
+        out_channels = crop.get(0, out_channels)
+        outer = producers.get(outer.input[0])
     if outer is None or outer.op_type != "Reshape":
         return None
     transpose = producers.get(outer.input[0])
@@ -78,7 +103,8 @@ def _unblock_chain(graph: object, conv: object, producers: dict[str, object], bl
         return None  # the conv weight's shape must be known
     if any(int(d) != block for d in blocked_shape[len(blocked_shape) // 2 + 1:]):
         return None  # the block axes (last one or two) must be this graph's block
-    return inner.input[0], [outer, transpose, inner], weight_shape
+    channels = int(weight_shape[0]) if out_channels is None else out_channels
+    return inner.input[0], [*crops, outer, transpose, inner], weight_shape, channels
 
 
 def _fusable_activation(graph: object, conv_out: str, producers: dict[str, object],
@@ -120,8 +146,16 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
         chain = _unblock_chain(graph, conv, producers, block)
         if chain is None:
             continue
-        blocked, chain_nodes, weight_shape = chain
+        blocked, chain_nodes, weight_shape, out_channels = chain
         prefix = f"{conv.name or conv.output[0]}/nchwc"
+        bias = conv.input[2:3]
+        if bias and out_channels < int(weight_shape[0]):  # zero for the padding channels
+            values = _constant(graph, bias[0], producers)
+            if values is None:
+                continue  # left unrewritten: the export reports it
+            bias = [f"{prefix}/bias"]
+            graph.initializer.append(numpy_helper.from_array(
+                np.pad(values, (0, int(weight_shape[0]) - out_channels)), bias[0]))
 
         def const(suffix: str, values: list[int], prefix: str = prefix) -> str:
             name = f"{prefix}/{suffix}"
@@ -148,7 +182,10 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
                                  [f"{prefix}/probe_blocked"], domain=NCHWC_DOMAIN),
                 helper.make_node("Shape", [f"{prefix}/probe_blocked"], [f"{prefix}/block_here"]),
                 helper.make_node("Shape", [x], [f"{prefix}/x_shape"]),
-                helper.make_node("Div", [f"{prefix}/x_shape",
+                helper.make_node("Add", [f"{prefix}/x_shape",
+                                         const("round_up", [0, block - 1, 0, 0])],
+                                 [f"{prefix}/x_shape_up"]),
+                helper.make_node("Div", [f"{prefix}/x_shape_up",
                                          const("per_block", [1, block, 1, 1])],
                                  [f"{prefix}/x_blocks"]),
                 helper.make_node("Mul", [f"{prefix}/x_blocks", f"{prefix}/block_here"],
@@ -161,10 +198,10 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
             helper.make_node("Reshape", [blocked, const("weight_shape",
                                                         [int(d) for d in weight_shape])],
                              [f"{prefix}/weight"]),
-            helper.make_node("Conv", [x_nchwc, f"{prefix}/weight", *conv.input[2:]],
+            helper.make_node("Conv", [x_nchwc, f"{prefix}/weight", *bias, *conv.input[3:]],
                              [f"{prefix}/y_nchwc"], domain=NCHWC_DOMAIN, **attrs),
             helper.make_node("ReorderOutput", [f"{prefix}/y_nchwc"], [out], domain=NCHWC_DOMAIN,
-                             channels=int(weight_shape[0])),
+                             channels=out_channels),
         ]
         replaced[index] = nodes
         for node in chain_nodes:  # the unblocking chain dies with the conv if nothing else reads it
@@ -236,6 +273,14 @@ class _BlockedMaps:
 
     def constant(self, name: str) -> np.ndarray | None:
         return _constant(self.graph, name, self.producers)
+
+    def int_constant(self, name: str, values: list[int]) -> str:
+        """A new int64 initializer ``name`` holding ``values``; returns its name."""
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64),
+                                                              name))
+        return name
 
     def blocked_source(self, name: str, channels: int) -> str | None:
         """The blocked map ``name`` was reordered from (same channels), else None."""
@@ -356,7 +401,7 @@ class _BlockedMaps:
         The blocked map ``[N, C/b, H, W, b]`` is viewed ``[N, C/b, H*W/t, t*b]`` and the
         vector tiled to ``[n, C/b, 1, t*b]`` (:func:`~odconv_deploy.layers.ort_nchwc.span_tile`).
         """
-        from onnx import helper, numpy_helper
+        from onnx import helper
 
         shape = self.shapes.get(plain)
         if node.op_type not in ("Add", "Mul") or len(node.input) != 2 or not _known(shape):
@@ -370,10 +415,7 @@ class _BlockedMaps:
         tile = span_tile(height * width, b)
 
         def const(suffix: str, values: list[int]) -> str:
-            name = f"{prefix}/{suffix}_shape"
-            self.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64),
-                                                                  name))
-            return name
+            return self.int_constant(f"{prefix}/{suffix}_shape", values)
 
         return [
             helper.make_node("Reshape", [blocked, const("view", [n_map, channels // b,
@@ -434,26 +476,37 @@ class _BlockedMaps:
 
         graph, plain, blocked = self.graph, reorder.output[0], reorder.input[0]
         channels = _channels(reorder)
+        # Channels off whole blocks: the blocked map has padding channels (finite values,
+        # zero where an NCHWc conv wrote them), which shapes and per-channel ops would see.
+        padded = channels % self.block != 0
         index = list(graph.node).index(node)
         if node.op_type == "ReorderInput" and node.domain == NCHWC_DOMAIN:
             for reader in self.consumers.get(node.output[0], []):
                 reader.input[:] = [blocked if i == node.output[0] else i for i in reader.input]
             graph.node.remove(node)
             return True
-        if self.reads_only_shape(node):
+        if not padded and self.reads_only_shape(node):
             node.input[0] = blocked
-            return True
-        if self.spatial_mean(node):  # a [N, C, 1, 1] blocked map is laid out as NCHW
-            graph.node.remove(node)
-            graph.node.insert(index, helper.make_node(
-                "GlobalAveragePool", [blocked], list(node.output), name=f"{node.name}/nchwc",
-                domain=NCHWC_DOMAIN))
             return True
         result = node.output[0]
         prefix = f"{node.name or result}/nchwc"
+        if self.spatial_mean(node):  # a [N, C, 1, 1] blocked map is laid out as NCHW
+            pooled = [f"{prefix}/padded"] if padded else [result]
+            new_nodes = [helper.make_node("GlobalAveragePool", [blocked], pooled,
+                                          name=f"{node.name}/nchwc", domain=NCHWC_DOMAIN)]
+            if padded:  # the padding channels' means dropped
+                new_nodes.append(helper.make_node(
+                    "Slice", [pooled[0], self.int_constant(f"{prefix}/starts", [0]),
+                              self.int_constant(f"{prefix}/ends", [channels]),
+                              self.int_constant(f"{prefix}/axes", [1])], [result]))
+            graph.node.remove(node)
+            for offset, new in enumerate(new_nodes):
+                graph.node.insert(index + offset, new)
+            return True
         new_nodes = (self.elementwise_edit(node, plain, blocked, channels, prefix)
                      or self.batch_axis_edit(node, plain, blocked, channels, prefix)
-                     or self.per_channel_edit(node, plain, blocked, prefix))
+                     or (None if padded else self.per_channel_edit(node, plain, blocked,
+                                                                   prefix)))
         if new_nodes is None:
             conv = self.static_conv_edit(node, plain, blocked, prefix)
             if conv is None:
@@ -491,8 +544,11 @@ def keep_blocked_between_convs(model: object, block: int,
       with a constant weight (a downsample, a user's own static conv), which becomes an NCHWc
       conv on the weight blocked here.
 
-    Maps whose channels are not a multiple of the block are left alone (their blocked form is
-    padded). ``shapes``: the tensors' shapes before the rewrite (:func:`tensor_shapes`).
+    A map whose channels are not a multiple of the block is padded when blocked; shapes and
+    per-channel ops would see the padding, so such maps go on blocked only into NCHWc convs
+    (whose weights are zero for the padding channels), pools (the padding's means cropped),
+    Relu, Clip, residual sums and batch-axis ops. ``shapes``: the tensors' shapes before the
+    rewrite (:func:`tensor_shapes`).
     Returns the number of ``ReorderOutput`` nodes that are gone.
     """
     graph = model.graph
@@ -503,7 +559,7 @@ def keep_blocked_between_convs(model: object, block: int,
         progress = False
         maps = _BlockedMaps(graph, block, shapes)
         for reorder in [n for n in graph.node if _is_reorder_output(n)]:
-            if _channels(reorder) % block or reorder.output[0] in outputs:
+            if reorder.output[0] in outputs:
                 continue
             readers = maps.consumers.get(reorder.output[0], [])
             if not readers:

@@ -10,7 +10,8 @@ in ``runtime_bench/results/auto_rules.md``:
   for the im2col map) and, for depthwise layers, the one-hot im2col + reduce (which writes
   ``k*k`` copies of the activation).
 - **onnxruntime** (ONNX Runtime CPU on this machine), **fixed batch**: as onnx, except that
-  regular and depthwise layers whose channels fit the CPU's NCHWc block take ``ort_nchwc``
+  regular layers (channels multiples of 4, padded to whole blocks of the CPU's NCHWc block)
+  and depthwise ones (channels in whole blocks) take ``ort_nchwc``
   (the computed weight runs ORT's blocked conv kernels, and the maps stay blocked between
   such layers; the graph then runs only on ONNX Runtime CPUs with the same block, see
   :mod:`odconv_deploy.layers.ort_nchwc`). 1x1 layers too: alone they gain nothing, inside a

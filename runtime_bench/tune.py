@@ -56,8 +56,9 @@ from odconv_deploy.strategy_choice import TUNE_STRATEGY, AutoStrategy, admissibl
 TUNED_TARGETS = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime",
                  "executorch": "executorch"}
 #: Version of the cache's keys and of the forms' graphs as timed; a change re-times
-#: everything (2: depthwise_taps reads flat runs; dynamic_linear).
-CACHE_VERSION = 2
+#: everything (2: depthwise_taps reads flat runs; dynamic_linear; 3: ort_nchwc takes 1x1 and
+#: padded layers, its maps stay blocked between layers).
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)

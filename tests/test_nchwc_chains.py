@@ -93,6 +93,51 @@ def test_the_chain_stays_blocked_and_matches(net, tmp_path, batch):
         _assert_matches(got, net(x), rtol=1e-5)
 
 
+class PaddedNet(nn.Module):
+    """An inverted residual on maps whose channels are off whole blocks (MobileNetV2's 24).
+
+    ``c`` channels are padded to whole blocks when blocked; the residual sum, the next
+    expand and its attention's mean read the padded map.
+    """
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.expand = _conv_bn(ODConv2d(c, 2 * c, 1, kernel_num=4), 2 * c, nn.ReLU6())
+        self.dw = _conv_bn(ODConv2d(2 * c, 2 * c, 3, 2, 1, groups=2 * c, kernel_num=4),
+                           2 * c, nn.ReLU6())
+        self.project = _conv_bn(ODConv2d(2 * c, c, 1, kernel_num=4), c, None)
+        self.project2 = _conv_bn(ODConv2d(c, c, 1, kernel_num=2), c, None)
+        self.head = _conv_bn(ODConv2d(c, 4 * c, 1, kernel_num=4), 4 * c, nn.ReLU6())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.project(self.dw(self.expand(self.stem(x))))
+        x = x + self.project2(x)
+        return nn.functional.adaptive_avg_pool2d(self.head(x), 1).flatten(1)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_maps_with_padding_channels_stay_blocked_and_match(tmp_path, batch):
+    c = BLOCK + BLOCK // 2  # e.g. 24 with AVX-512's block 16, padded to 32
+    torch.manual_seed(0)
+    net = randomize_odconv(PaddedNet(c), seed=4).eval()
+    result = export_onnx(net, tmp_path / "padded.onnx", strategy="auto", target="onnxruntime",
+                         dynamic_batch=False, batch_size=batch, input_shape=(batch, 3, 20, 20))
+    assert result.options["layer_forms"] == {"ort_nchwc": 5}
+    proto = onnx.load(str(result.path))
+    # Nothing goes back to NCHW before the head's pool; the padded maps' means are cropped.
+    assert not _ops(proto, "ReorderOutput")
+    pools = _ops(proto, "GlobalAveragePool")
+    assert len(pools) == 4 + 1  # the attentions after expand read blocked maps; the head
+    crops = [n for n in proto.graph.node if n.op_type == "Slice" and n.input[0] in
+             {p.output[0] for p in pools}]
+    assert len(crops) == 2  # project2's and head's attentions read padded maps
+    x = torch.randn(batch, 3, 20, 20)
+    with OnnxRuntimeRunner(result.path) as runner, torch.no_grad():
+        (got,) = runner.infer({result.input_names[0]: x.numpy()}).values()
+        _assert_matches(got, net(x), rtol=1e-5)
+
+
 def test_per_channel_factors_broadcast_in_long_spans():
     assert span_tile(49, 16) == 7 and span_tile(196, 16) == 14 and span_tile(3136, 16) == 16
     assert span_tile(13, 8) == 13 and span_tile(17, 16) == 1  # 17 blocks: no divisor fits

@@ -10,6 +10,7 @@ from export import ExportError, export_executorch, export_formats, export_onnx
 from export.nchwc_graph import count_unblocked_convs
 from odconv_deploy import (
     AutoStrategy,
+    DynamicWeightODConv2d,
     ODConv2d,
     OrtNchwcODConv2d,
     UnsupportedLayerError,
@@ -41,6 +42,8 @@ GEOMETRIES = [
     (16, 32, 1, 1, 0, 1, 1, 4, 8),  # 1x1: channel and filter attention on the weight
     (160, 16, 1, 1, 0, 1, 1, 2, 16),  # 1x1, C_in above the pixels: filter on the output
     (16, 160, 1, 2, 0, 1, 1, 2, 16),  # 1x1 stride 2, C_out above the pixels: channel on input
+    (24, 40, 1, 1, 0, 1, 1, 4, 16),  # channels off whole blocks: padded to 32 -> 48
+    (12, 8, 3, 1, 1, 1, 1, 2, 8),  # padded 3x3 with a filter head (on the weight then)
 ]
 GEOMETRY_ID = "c{}-{}_k{}_s{}_p{}_d{}_g{}_K{}_b{}".format
 
@@ -86,9 +89,24 @@ def test_block_layout_round_trips(depthwise):
         assert torch.equal(back, weight[k])
 
 
+@pytest.mark.parametrize("cfg", [GEOMETRIES[0], GEOMETRIES[2], GEOMETRIES[-2], GEOMETRIES[-1]],
+                         ids=lambda c: GEOMETRY_ID(*c))
+def test_the_stored_bank_is_the_canonical_one(cfg):
+    """Blocked (and padded) storage holds exactly the canonical bank, padding aside."""
+    block = _block(*cfg[:8], seed=1)
+    spec = inspect_odconv(block[0])
+    nchwc = OrtNchwcODConv2d.from_spec(spec, block[1], block=cfg[8])
+    plain = DynamicWeightODConv2d.from_spec(spec, block[1])
+    assert nchwc.padded == (cfg[0] % cfg[8] != 0 or cfg[1] % cfg[8] != 0)
+    assert torch.equal(nchwc.canonical_weight(), plain.canonical_weight())
+    if nchwc.padded:  # the padding channels' filters hold zeros
+        assert nchwc.weight.numel() > plain.weight.numel()
+        assert torch.count_nonzero(nchwc.weight) == torch.count_nonzero(plain.weight)
+
+
 @pytest.mark.parametrize("args,reason", [
-    ((6, 16, 1, 1, 0, 1, 1), "channels 6 -> 16 are not multiples of the block 8"),
-    ((6, 16, 3, 1, 1, 1, 1), "channels 6 -> 16 are not multiples of the block 8"),
+    ((6, 16, 1, 1, 0, 1, 1), "channels 6 -> 16 are not multiples of 4"),
+    ((16, 6, 3, 1, 1, 1, 1), "channels 16 -> 6 are not multiples of 4"),
     ((12, 12, 3, 1, 1, 1, 12), "depthwise channels 12 are not a multiple of the block 8"),
     ((16, 16, 3, 1, 1, 1, 2), "grouped convs \\(groups=2\\)"),
 ])

@@ -196,5 +196,6 @@ def test_cli_convert_auto_for_ort_records_the_nchwc_block(tmp_path):
                  "auto", "--target", "onnxruntime", "--fixed-batch", "1", "--out", str(out)]) == 0
     saved = torch.load(out, weights_only=False)
     assert saved["layer_forms"]["features.1.conv.0.0"] == "ort_nchwc"  # 16 channels: fits
-    assert saved["layer_forms"]["features.1.conv.1"] == "dynamic_weight"  # 1x1
+    # The 1x1 projection to 8 channels too: its blocked maps are padded to one block.
+    assert saved["layer_forms"]["features.1.conv.1"] == "ort_nchwc"
     assert saved["nchwc_block"] == block  # the blocked weights' layout

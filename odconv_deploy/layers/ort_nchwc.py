@@ -25,6 +25,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from odconv_deploy.errors import UnsupportedLayerError
 from odconv_deploy.layers.deploy import DynamicWeightODConv2d
@@ -34,6 +35,9 @@ from odconv_deploy.layers.odconv import Attentions, is_depthwise
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 #: ONNX metadata key holding the block size a graph was built for.
 BLOCK_METADATA_KEY = "ort_nchwc_block"
+#: Channels of a regular conv's maps must be multiples of this (ORT's ReorderInput); the
+#: blocked maps are padded to whole blocks.
+CHANNEL_ALIGNMENT = 4
 #: Values per broadcast span sought where a per-channel factor meets a blocked tensor.
 MAX_SPAN = 256
 
@@ -79,6 +83,11 @@ def span_tile(count: int, block: int) -> int:
     return max(t for t in range(1, MAX_SPAN // block + 1) if count % t == 0)
 
 
+def _pad_to(vector: torch.Tensor, length: int) -> torch.Tensor:
+    """A 1-D per-channel factor zero-padded to ``length`` (the blocked channels)."""
+    return F.pad(vector, (0, length - vector.shape[-1])) if vector.shape[-1] < length else vector
+
+
 def nchwc_unsupported_reason(in_channels: int, out_channels: int, kernel_size: int,
                              groups: int, block: int) -> str | None:
     """Why a conv cannot take the NCHWc form with ``block``, or None if it can."""
@@ -88,10 +97,15 @@ def nchwc_unsupported_reason(in_channels: int, out_channels: int, kernel_size: i
         return None
     if groups != 1:
         return f"grouped convs (groups={groups}) other than depthwise are not supported"
-    if in_channels % block or out_channels % block:
-        return (f"channels {in_channels} -> {out_channels} are not multiples of the block "
-                f"{block}")
+    if in_channels % CHANNEL_ALIGNMENT or out_channels % CHANNEL_ALIGNMENT:
+        return (f"channels {in_channels} -> {out_channels} are not multiples of "
+                f"{CHANNEL_ALIGNMENT} (ONNX Runtime reorders only such maps)")
     return None
+
+
+def padded_channels(channels: int, block: int) -> int:
+    """``channels`` rounded up to whole blocks: the channels of its blocked map."""
+    return -(-channels // block) * block
 
 
 def block_weight(weight: torch.Tensor, block: int, depthwise: bool) -> torch.Tensor:
@@ -156,18 +170,39 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
                 f"kernel {kernel_size}, groups {groups}: {reason}. Note: use strategy='auto' "
                 "with target 'onnxruntime', which applies it where it fits.")
         self.block = block
+        # The blocked maps' channels: whole blocks, zero-padded (regular convs only).
+        regular = not is_depthwise(in_channels, out_channels, groups)
+        self.blocked_in = padded_channels(in_channels, block) if regular else in_channels
+        self.blocked_out = padded_channels(out_channels, block) if regular else out_channels
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
         # Derived constant (not saved): spreads the channel factor over the taps and the
         # output channels of a row block ([1, k*k, 1, b_out]; depthwise [1, k*k, 1]).
         shape = (1, self.taps, 1) if self.depthwise else (1, self.taps, 1, block)
         self.register_buffer("block_ones", torch.ones(shape), persistent=False)
 
+    @property
+    def padded(self) -> bool:
+        """Whether the blocked maps carry padding channels (channels not in whole blocks)."""
+        return (self.blocked_in, self.blocked_out) != (self.in_channels, self.out_channels)
+
     def weight_shape(self) -> tuple[int, ...]:  # noqa: D102 - see base class
         return (self.kernel_num,
-                self.out_channels * self.in_channels // self.groups * self.taps)
+                self.blocked_out * self.blocked_in // self.groups * self.taps)
 
     def layout_weight(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.padded:  # the padding channels' filters and taps are zero
+            weight = F.pad(weight, (0, 0, 0, 0, 0, self.blocked_in - self.in_channels,
+                                    0, self.blocked_out - self.out_channels))
         return block_weight(weight, self.block, self.depthwise).reshape(self.kernel_num, -1)
+
+    def canonical_weight(self) -> torch.Tensor:  # noqa: D102 - see base class
+        if self.weight_int8 is not None:
+            return self.weight_int8()
+        cin_g = self.blocked_in // self.groups
+        kernels = [unblock_weight(kernel, self.blocked_out, cin_g, self.kernel_size,
+                                  self.block, self.depthwise)
+                   for kernel in self.weight.detach()]
+        return torch.stack(kernels)[:, :self.out_channels, :self.in_channels // self.groups]
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, block={self.block}"
@@ -181,7 +216,8 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
         """
         b, taps = self.block, self.taps
         channel_shape = (-1, 1, b) if self.depthwise else (-1, 1, b, 1)
-        scale = self.block_ones * sample(att.channel).reshape(channel_shape)
+        channel = _pad_to(sample(att.channel), self.blocked_in)
+        scale = self.block_ones * channel.reshape(channel_shape)
         if att.spatial is not None:
             spatial_shape = (1, taps, 1) if self.depthwise else (1, taps, 1, 1)
             scale = scale * sample(att.spatial).reshape(spatial_shape)
@@ -192,10 +228,11 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
 
         The factor is tiled to long broadcast spans (:func:`span_tile`).
         """
-        b, rows = self.block, self.out_channels // self.block
-        per_row = self.in_channels // self.groups * self.taps  # values per row block / b
+        b, rows = self.block, self.blocked_out // self.block
+        per_row = self.blocked_in // self.groups * self.taps  # values per row block / b
         tile = span_tile(per_row, b)
-        factor = filt.reshape(rows, 1, 1, b).expand(rows, 1, tile, b).reshape(rows, 1, -1)
+        factor = _pad_to(filt, self.blocked_out).reshape(rows, 1, 1, b)
+        factor = factor.expand(rows, 1, tile, b).reshape(rows, 1, -1)
         return kernel.reshape(rows, per_row // tile, tile * b) * factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,11 +241,13 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
         att = self.attentions(x)
         cin_g = self.in_channels // self.groups
         # With a spatial factor the weight is scaled anyway, so the channel factor joins it.
-        channel_on_weight = (att.spatial is not None
+        # With padding channels, both attentions scale the weight: the maps between layers
+        # stay blocked only where no per-channel op on a padded map is left in between.
+        channel_on_weight = (att.spatial is not None or self.padded
                              or self._channel_on_weight(x.shape[2] * x.shape[3]))
         out_h, out_w = self.output_size(x.shape[2], x.shape[3])
-        filter_on_weight = (att.filter is not None and self.kernel_size == 1
-                            and self.in_channels <= out_h * out_w)
+        filter_on_weight = att.filter is not None and (
+            self.padded or (self.kernel_size == 1 and self.in_channels <= out_h * out_w))
 
         def conv_weight(kernel: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]
                         ) -> torch.Tensor:
@@ -217,10 +256,11 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
                 kernel = kernel.reshape(-1, scale.shape[1]) * scale
             if filter_on_weight:
                 kernel = self._scale_rows(kernel, sample(att.filter))
-            # Exported as Reshape -> Transpose -> Reshape -> Conv, which the ONNX export
-            # rewrites to ORT's NCHWc ops on the blocked weight (export/nchwc_graph.py).
-            return unblock_weight(kernel, self.out_channels, cin_g, self.kernel_size,
-                                  self.block, self.depthwise)
+            # Exported as Reshape -> Transpose -> Reshape [-> Slice] -> Conv, which the ONNX
+            # export rewrites to ORT's NCHWc ops on the blocked weight (export/nchwc_graph.py).
+            weight = unblock_weight(kernel, self.blocked_out, self.blocked_in // self.groups,
+                                    self.kernel_size, self.block, self.depthwise)
+            return weight[:self.out_channels, :cin_g] if self.padded else weight
 
         return self._per_sample_convs(x, att, self.bank(), channel_on_weight,
                                       att.filter is None or filter_on_weight, conv_weight)
