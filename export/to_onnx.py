@@ -103,17 +103,21 @@ def _export(prepared: PreparedModel, target: Path, opset: int, exporter: str,
                               dynamic_axes=axes, do_constant_folding=True, **kwargs)
 
 
-def _use_nchwc_kernels(proto: object, block: int) -> int:
-    """Rewrite the ``ort_nchwc`` layers' convs to ORT's NCHWc ops; checked, returns how many."""
+def _use_nchwc_kernels(proto: object, block: int, chains: bool) -> tuple[int, int]:
+    """Rewrite the ``ort_nchwc`` layers' convs to ORT's NCHWc ops, checked.
+
+    With ``chains``, the maps stay blocked between them where the ops between allow it.
+    Returns how many convs were rewritten and how many reorders back to NCHW the chains saved.
+    """
     shapes = tensor_shapes(proto)
     rewritten = rewrite_nchwc_convs(proto, block)
-    keep_blocked_between_convs(proto, block, shapes)
+    saved = keep_blocked_between_convs(proto, block, shapes) if chains else 0
     left = count_unblocked_convs(proto, block)
     if left:
         raise ExportError(f"{left} conv(s) of ort_nchwc layers kept their unblocked weight "
                           "after the NCHWc rewrite (an unexpected graph pattern). Note: use "
                           "target='onnx', and report this with the model.")
-    return rewritten
+    return rewritten, saved
 
 
 def _quantize(tmp: Path, prepared: PreparedModel, calibration: CalibrationSet,
@@ -146,6 +150,7 @@ def export_onnx(
     overwrite: bool = False,
     calibration: CalibrationSet | None = None,
     reduce_range: bool = False,
+    nchwc_chains: bool = True,
 ) -> ExportResult:
     """Export a model (train form converted automatically) to ONNX.
 
@@ -171,6 +176,9 @@ def export_onnx(
             with activation ranges from these samples (:mod:`export.quantize_onnx`; the model
             should store its kernel banks int8, the ``int8`` conversions do).
         reduce_range: With ``calibration``: 7-bit weights, for x86 CPUs without VNNI.
+        nchwc_chains: With ``ort_nchwc`` layers: keep the maps in ORT's blocked layout from
+            one NCHWc conv to the next wherever the ops between can read it (False: reorder
+            around each conv; ``runtime_bench.nchwc_chains`` compares the two).
 
     Returns:
         The :class:`ExportResult`; the file is written whole or not at all.
@@ -226,7 +234,8 @@ def export_onnx(
             plan = _quantize(tmp, prepared, calibration, reduce_range,
                              1 if dynamic_batch else batch_size)
         proto = onnx.load(str(tmp), load_external_data=False)
-        nchwc_convs = _use_nchwc_kernels(proto, block) if block is not None else 0
+        nchwc_convs, chained = (_use_nchwc_kernels(proto, block, nchwc_chains)
+                                if block is not None else (0, 0))
         storage = INT8_STORAGE if plan is not None else weight_storage(prepared.model)
         meta = {"producer": "odconv-deploy", "model": prepared.name,
                 "strategy": prepared.strategy or "none", "exporter": exporter,
@@ -258,6 +267,7 @@ def export_onnx(
         options={"opset": opset, "dynamic_batch": dynamic_batch, "batch_size": batch_size,
                  "dynamic_spatial": dynamic_spatial, "strategy": prepared.strategy,
                  "target": target, "nchwc_block": block,
+                 "nchwc_chains": nchwc_chains if block is not None else None,
                  "layer_forms": prepared.layer_forms,
                  "exporter": exporter, "external_data": external, "model": prepared.name,
                  "weights": storage, "reduce_range": reduce_range if plan else None,
@@ -265,7 +275,7 @@ def export_onnx(
         tool_versions=tool_versions("onnx"),
         op_counts=dict(Counter(n.op_type for n in graph.node)),
         details={"nodes": len(graph.node), "converted_layers": prepared.converted_layers,
-                 "nchwc_convs": nchwc_convs,
+                 "nchwc_convs": nchwc_convs, "nchwc_reorders_saved": chained,
                  **({"int8_nodes": len(plan.static)} if plan is not None else {})},
         notes=[plan.describe()] if plan is not None else [],
     )

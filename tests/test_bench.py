@@ -252,3 +252,28 @@ def test_the_committed_precision_figures_meet_the_issue_targets():
         assert sum(r["precision"] == "int8" for r in rows) == 6  # onnx, onnx-sim x2, .ort, .pte
         for row in rows[1:]:
             assert row["skipped"] or abs(row["accuracy"] - rows[0]["accuracy"]) <= 0.005, row
+
+
+def test_nchwc_chains_table_is_rebuilt_from_its_committed_json():
+    from pathlib import Path
+
+    from runtime_bench.nchwc_chains import to_markdown as chains_markdown
+
+    results = Path(__file__).resolve().parents[1] / "runtime_bench" / "results"
+    data = json.loads((results / "nchwc_chains.json").read_text())
+    assert chains_markdown(data["records"], data["machine"], data["iterations"]) == (
+        results / "nchwc_chains.md").read_text()
+
+
+def test_nchwc_chains_compares_against_last_rounds_plan():
+    """The baseline keeps 1x1 and padded layers off ort_nchwc, as auto did before chains."""
+    from torch import nn
+
+    from odconv_deploy import ODConv2d
+    from runtime_bench.nchwc_chains import reorders_plan
+
+    model = nn.Sequential(ODConv2d(16, 16, 3, padding=1, groups=16), ODConv2d(16, 32, 1),
+                          ODConv2d(32, 24, 3, padding=1), ODConv2d(24, 16, 3, padding=1))
+    assert reorders_plan(model, 16) == ("ort_nchwc", "dynamic_weight", "dynamic_weight",
+                                        "dynamic_weight")
+    assert reorders_plan(model, 8) == ("ort_nchwc", "dynamic_weight", "ort_nchwc", "ort_nchwc")
