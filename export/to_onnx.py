@@ -10,12 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.nchwc_graph import (
-    count_unblocked_convs,
-    keep_blocked_between_convs,
-    rewrite_nchwc_convs,
-    tensor_shapes,
-)
+from export.nchwc_chains import keep_blocked_between_convs, tensor_shapes
+from export.nchwc_graph import count_unblocked_convs, rewrite_nchwc_convs
 from export.prepare import (
     PreparedModel,
     check_batch_size,

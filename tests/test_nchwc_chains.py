@@ -1,6 +1,6 @@
 """NCHWc chains: maps stay blocked between ort_nchwc layers, and ONNX Runtime still matches.
 
-The chain pass (:func:`export.nchwc_graph.keep_blocked_between_convs`) decides per op whether
+The chain pass (:func:`export.nchwc_chains.keep_blocked_between_convs`) decides per op whether
 it may read a blocked map; a wrong decision gives wrong numbers, not an error, so every graph
 here is run in ONNX Runtime against PyTorch, with ops that must keep the NCHW map beside ops
 that may not.

@@ -6,7 +6,8 @@ GEMM path (depthwise: one small GEMM per channel). Its contrib op ``com.microsof
 reads the weight from its input, though, so this form keeps the kernel bank in the blocked
 layout and aggregates and scales it there, and the ONNX export replaces its conv with that op
 between ``ReorderInput`` and ``ReorderOutput`` (:mod:`export.nchwc_graph`), then keeps the
-maps blocked from one such conv to the next wherever the ops between can read them so (an
+maps blocked from one such conv to the next wherever the ops between can read them so
+(:mod:`export.nchwc_chains`; an
 inverted residual block runs blocked end to end). This brings depthwise layers and
 od_resnet18's convs close to the static twin's kernels; 1x1 convs gain only inside such
 chains (alone, the reorders around them cost what the kernel saves). The measurements:
@@ -144,8 +145,12 @@ class OrtNchwcODConv2d(DynamicWeightODConv2d):
     of output channels); the channel attention of a 1x1 conv scales the input instead where
     that is smaller (as ``dynamic_weight`` decides). The filter attention scales the output,
     except on a 1x1 conv whose input channels are fewer than its output pixels: there it
-    scales the weight, its factor tiled to long spans (:func:`span_tile`). Regular
-    (``groups == 1``) and depthwise convs with channels that are multiples of the block only.
+    scales the weight, its factor tiled to long spans (:func:`span_tile`).
+
+    Regular (``groups == 1``) convs with channels in multiples of 4, and depthwise convs with
+    channels in whole blocks. A regular conv whose channels are not whole blocks is padded:
+    its bank holds zero filters for the padding channels (``blocked_in`` x ``blocked_out``),
+    both attentions then scale the weight, and the eager conv crops the padding off.
 
     Args:
         block: NCHWc block size (default: this machine's, read from ONNX Runtime).
