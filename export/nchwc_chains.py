@@ -333,7 +333,12 @@ def keep_blocked_between_convs(model: object, block: int,
     rewrite (:func:`tensor_shapes`).
     Returns the number of ``ReorderOutput`` nodes that are gone.
     """
+    from onnx import AttributeProto
+
     graph = model.graph
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+           for node in graph.node for a in node.attribute):
+        return 0  # a subgraph may read a map by its outer name, unseen here: leave it all
     outputs = {o.name for o in graph.output}
     before = sum(_is_reorder_output(n) for n in graph.node)
     progress = True
