@@ -39,6 +39,15 @@ def _known(shape: tuple[int | str, ...] | None) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
+def _like(node: object, inputs: list[str], output: str) -> object:
+    """A node of ``node``'s op and attributes on other inputs, writing ``output``."""
+    from onnx import helper
+
+    like = helper.make_node(node.op_type, inputs, [output], domain=node.domain or None)
+    like.attribute.extend(node.attribute)
+    return like
+
+
 def _is_reorder_output(node: object) -> bool:
     return node.op_type == "ReorderOutput" and node.domain == NCHWC_DOMAIN
 
@@ -136,7 +145,7 @@ class _BlockedMaps:
             return None
         if node.op_type == "Relu" or (node.op_type == "Clip" and all(
                 self.constant(b) is not None for b in node.input[1:] if b)):
-            return [helper.make_node(node.op_type, [blocked, *node.input[1:]], [prefix])]
+            return [_like(node, [blocked, *node.input[1:]], prefix)]
         if node.op_type not in ("Add", "Mul") or len(node.input) != 2:
             return None
         first, second = (self.shapes.get(name) for name in node.input)
@@ -151,7 +160,7 @@ class _BlockedMaps:
                 nodes.append(helper.make_node("ReorderInput", [name], [source],
                                               domain=NCHWC_DOMAIN))
             inputs.append(source)
-        return [*nodes, helper.make_node(node.op_type, inputs, [prefix])]
+        return [*nodes, _like(node, inputs, prefix)]
 
     def batch_axis_edit(self, node: object, plain: str, blocked: str, channels: int,
                         prefix: str) -> list[object] | None:
@@ -160,15 +169,13 @@ class _BlockedMaps:
         The per-sample split and join of a fixed batch: each sample's blocked map is
         contiguous, so they read the blocked maps as they are.
         """
-        from onnx import helper
-
         if node.domain not in ("", "ai.onnx"):
             return None
         if node.op_type == "Slice" and node.input[0] == plain and len(node.input) >= 4:
             axes = self.constant(node.input[3])
             if axes is None or [int(a) for a in axes.reshape(-1)] != [0]:
                 return None
-            return [helper.make_node("Slice", [blocked, *node.input[1:]], [prefix])]
+            return [_like(node, [blocked, *node.input[1:]], prefix)]
         if node.op_type != "Concat" or next(
                 (a.i for a in node.attribute if a.name == "axis"), None) != 0:
             return None
@@ -176,7 +183,7 @@ class _BlockedMaps:
                    for name in node.input]
         if None in sources:
             return None
-        return [helper.make_node("Concat", sources, [prefix], axis=0)]
+        return [_like(node, sources, prefix)]
 
     def per_channel_edit(self, node: object, plain: str, blocked: str, prefix: str
                          ) -> list[object] | None:
@@ -214,8 +221,7 @@ class _BlockedMaps:
             helper.make_node("Reshape", [f"{prefix}/tiles",
                                          const("factor", [n, channels // b, 1, tile * b])],
                              [f"{prefix}/factor"]),
-            helper.make_node(node.op_type, [f"{prefix}/view", f"{prefix}/factor"],
-                             [f"{prefix}/result"]),
+            _like(node, [f"{prefix}/view", f"{prefix}/factor"], f"{prefix}/result"),
             helper.make_node("Reshape", [f"{prefix}/result", const("map", list(shape))],
                              [prefix]),
         ]
