@@ -11,10 +11,12 @@ is admitted on its own terms (see the function) and everything else keeps the NC
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
-from export.nchwc_graph import constant_value, producers_of
+from export.nchwc_graph import constant_value, fusable_activation, producers_of
 from odconv_deploy.layers.ort_nchwc import NCHWC_DOMAIN, block_weight, span_tile
 
 
@@ -346,6 +348,7 @@ def keep_blocked_between_convs(model: object, block: int,
            for node in graph.node for a in node.attribute):
         return 0  # a subgraph may read a map by its outer name, unseen here: leave it all
     outputs = {o.name for o in graph.output}
+    _start_at_nchw_input_convs(graph, block)
     before = sum(_is_reorder_output(n) for n in graph.node)
     progress = True
     while progress:  # one edit per pass: each changes the indexes
@@ -364,6 +367,57 @@ def keep_blocked_between_convs(model: object, block: int,
                 break
     _drop_unread_initializers(graph)
     return before - sum(_is_reorder_output(n) for n in graph.node)
+
+
+def _start_at_nchw_input_convs(graph: object, block: int) -> None:
+    """Start chains at static convs on fewer channels than a block (an image stem).
+
+    Such a conv whose output a chain reorders in becomes an NCHWc conv reading the NCHW input,
+    as ONNX Runtime's own transformer would make it at load (filter ``[C_out/b, C_in, k, k,
+    b]``), its ReLU/Clip fused, and a ReorderOutput after it that the chain then removes.
+    Left to ORT, its own ReorderOutput and our ReorderInput would both stay.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    producers = producers_of(graph)
+    consumers = Counter(name for node in graph.node for name in node.input)
+    readers: dict[str, list[object]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    initializers = {init.name: init for init in graph.initializer}
+    for conv in list(graph.node):
+        init = initializers.get(conv.input[1]) if len(conv.input) > 1 else None
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or init is None or \
+                init.data_type != TensorProto.FLOAT or len(init.dims) != 4 or \
+                init.data_location == TensorProto.EXTERNAL:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        cout, cin, kh, kw = (int(d) for d in init.dims)
+        if int(attrs.get("group", 1)) != 1 or cin >= block or cout % block:
+            continue
+        out, dead = conv.output[0], [conv]
+        activation = fusable_activation(graph, out, producers, consumers)
+        if activation is not None:
+            act_node, kind, params = activation
+            attrs.update(activation=kind, **({"activation_params": params} if params else {}))
+            out, dead = act_node.output[0], [conv, act_node]
+        if not any(r.op_type == "ReorderInput" and r.domain == NCHWC_DOMAIN
+                   for r in readers.get(out, [])):
+            continue
+        prefix = f"{conv.name or conv.output[0]}/nchwc"
+        weight = numpy_helper.to_array(init).reshape(cout // block, block, cin, kh, kw)
+        graph.initializer.append(numpy_helper.from_array(
+            np.ascontiguousarray(weight.transpose(0, 2, 3, 4, 1)).reshape(cout, cin, kh, kw),
+            f"{prefix}/weight"))
+        index = list(graph.node).index(conv)
+        for node in dead:
+            graph.node.remove(node)
+        graph.node.insert(index, helper.make_node(
+            "Conv", [conv.input[0], f"{prefix}/weight", *conv.input[2:]], [prefix],
+            domain=NCHWC_DOMAIN, **attrs))
+        graph.node.insert(index + 1, helper.make_node("ReorderOutput", [prefix], [out],
+                                                      domain=NCHWC_DOMAIN, channels=cout))
 
 
 def _drop_unread_initializers(graph: object) -> None:

@@ -107,7 +107,7 @@ def _unblock_chain(graph: object, conv: object, producers: dict[str, object], bl
     return inner.input[0], [*crops, outer, transpose, inner], weight_shape, channels
 
 
-def _fusable_activation(graph: object, conv_out: str, producers: dict[str, object],
+def fusable_activation(graph: object, conv_out: str, producers: dict[str, object],
                         consumers: Counter) -> tuple[object, str, list[float]] | None:
     """``(node, kind, params)`` of a Relu or constant Clip that alone reads ``conv_out``."""
     if consumers[conv_out] != 1 or any(o.name == conv_out for o in graph.output):
@@ -164,7 +164,7 @@ def rewrite_nchwc_convs(model: object, block: int) -> int:
 
         x, out = conv.input[0], conv.output[0]
         attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        activation = _fusable_activation(graph, out, producers, consumers)
+        activation = fusable_activation(graph, out, producers, consumers)
         if activation is not None:  # the kernel applies it while writing (as ORT does)
             act_node, kind, params = activation
             attrs.update(activation=kind, **({"activation_params": params} if params else {}))
