@@ -334,6 +334,9 @@ def keep_blocked_between_convs(model: object, block: int,
       with a constant weight (a downsample, a user's own static conv), which becomes an NCHWc
       conv on the weight blocked here.
 
+    A chain also starts at a static conv on fewer channels than a block (an image stem) whose
+    output it reorders in: that conv reads the NCHW input as an NCHWc conv.
+
     A map whose channels are not a multiple of the block is padded when blocked; shapes and
     per-channel ops would see the padding, so such maps go on blocked only into NCHWc convs
     (whose weights are zero for the padding channels), pools (the padding's means cropped),
