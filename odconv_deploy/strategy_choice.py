@@ -15,7 +15,7 @@ in ``runtime_bench/results/auto_rules.md``:
   (the computed weight runs ORT's blocked conv kernels, and the maps stay blocked between
   such layers; the graph then runs only on ONNX Runtime CPUs with the same block, see
   :mod:`odconv_deploy.layers.ort_nchwc`). 1x1 layers too: alone they gain nothing, inside a
-  chain they do (od_mobilenetv2_100 11% faster whole, od_resnet50 2%; docs/performance.md).
+  chain they do (od_mobilenetv2_100 11% faster whole, od_resnet50 1-2%; docs/performance.md).
   Where this onnxruntime has no NCHWc kernels, ``dynamic_weight`` as for onnx.
 - **onnx / onnxruntime, dynamic batch**: stride-1 depthwise layers take ``depthwise_taps``,
   the rest ``im2col`` (``dynamic_weight`` would bake the batch into the graph); at stride 2 the
