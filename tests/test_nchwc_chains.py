@@ -86,7 +86,8 @@ def test_the_chain_stays_blocked_and_matches(net, tmp_path, batch):
     reordered = sorted(producers[n.input[0]].op_type for n in _ops(proto, "ReorderInput"))
     assert reordered == (["Add", "Slice"] if batch == 1 else ["Conv"] + ["Slice"] * 5)
     # The static stride-2 conv became an NCHWc conv (and at batch 1 the stem); the means of
-    # blocked maps (the attentions after the stem's, and the head) are NCHWc pools.
+    # blocked maps are NCHWc pools: the head's and the attentions' of expand (batch 1 only),
+    # dw and project (tail's reads the gated, NCHW residual).
     assert len(_ops(proto, "Conv")) == 4 * batch + 1 + (batch == 1)
     assert len(_ops(proto, "GlobalAveragePool")) == (4 if batch == 1 else 3)
     x = torch.randn(batch, 3, 24, 24)
