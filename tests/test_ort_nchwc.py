@@ -40,7 +40,7 @@ GEOMETRIES = [
     (4, 12, 7, 1, 3, 1, 1, 8, 4),  # 7x7, block 4
     (32, 32, 3, 1, 2, 2, 1, 4, 16),  # dilated regular, block 16
     (16, 32, 1, 1, 0, 1, 1, 4, 8),  # 1x1: channel and filter attention on the weight
-    (160, 16, 1, 1, 0, 1, 1, 2, 16),  # 1x1, C_in above the pixels: filter on the output
+    (160, 16, 1, 1, 0, 1, 1, 2, 16),  # 1x1, C_in above the 154 pixels of batch 1: filter on output
     (16, 160, 1, 2, 0, 1, 1, 2, 16),  # 1x1 stride 2, C_out above the pixels: channel on input
     (24, 40, 1, 1, 0, 1, 1, 4, 16),  # channels off whole blocks: padded to 32 -> 48
     (12, 8, 3, 1, 1, 1, 1, 2, 8),  # padded 3x3 with a filter head (on the weight then)
