@@ -17,7 +17,12 @@ import numpy as np
 import torch
 
 from export.nchwc_graph import constant_value, fusable_activation, producers_of
-from odconv_deploy.layers.ort_nchwc import NCHWC_DOMAIN, block_weight, span_tile
+from odconv_deploy.layers.ort_nchwc import (
+    NCHWC_DOMAIN,
+    block_output_channels,
+    block_weight,
+    span_tile,
+)
 
 
 def tensor_shapes(model: object) -> dict[str, tuple[int | str, ...]]:
@@ -50,6 +55,44 @@ def _like(node: object, inputs: list[str], output: str) -> object:
     return like
 
 
+def _static_conv(node: object, initializers: dict[str, object]
+                 ) -> tuple[object, dict[str, object]] | None:
+    """``(weight initializer, attributes)`` of a conv with a constant weight, else None.
+
+    The weight must be 4-D float32 held in the model (not external data).
+    """
+    from onnx import TensorProto, helper
+
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    init = initializers.get(node.input[1])
+    if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) != 4 or \
+            init.data_location == TensorProto.EXTERNAL:
+        return None
+    return init, {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _blocked_initializer(graph: object, init: object, blocked: torch.Tensor, name: str) -> str:
+    """Add ``blocked``, a weight rearranged from ``init``, as initializer ``name``.
+
+    It keeps ``init``'s shape (an NCHWc conv's weight has its logical shape); returns ``name``.
+    """
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(
+        blocked.contiguous().numpy().reshape(tuple(init.dims)), name))
+    return name
+
+
+def _replace(graph: object, dead: list[object], new_nodes: list[object]) -> None:
+    """Put ``new_nodes`` where the first of ``dead`` was, and drop ``dead``."""
+    index = list(graph.node).index(dead[0])
+    for node in dead:
+        graph.node.remove(node)
+    for offset, new in enumerate(new_nodes):
+        graph.node.insert(index + offset, new)
+
+
 def _is_reorder_output(node: object) -> bool:
     return node.op_type == "ReorderOutput" and node.domain == NCHWC_DOMAIN
 
@@ -61,6 +104,7 @@ class _BlockedMaps:
                  shapes: dict[str, tuple[int | str, ...]]) -> None:
         self.graph, self.block, self.shapes = graph, block, shapes
         self.producers = producers_of(graph)
+        self.initializers = {init.name: init for init in graph.initializer}
         self.consumers: dict[str, list[object]] = {}
         for node in graph.node:
             for name in node.input:
@@ -239,26 +283,20 @@ class _BlockedMaps:
         written here, a static conv between ODConv layers (a downsample, a user's own conv)
         keeps the chain blocked.
         """
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or \
-                node.input[0] != plain or len(node.input) < 2:
+        conv = _static_conv(node, self.initializers)
+        if conv is None or node.input[0] != plain:
             return None
-        init = next((i for i in self.graph.initializer if i.name == node.input[1]), None)
-        if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) != 4 or \
-                init.data_location == TensorProto.EXTERNAL:
-            return None
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        init, attrs = conv
         cout, cin_g = int(init.dims[0]), int(init.dims[1])
         groups = int(attrs.get("group", 1))
         depthwise = groups > 1 and cin_g == 1 and cout == groups
         if (groups != 1 and not depthwise) or cout % self.block or cin_g * groups % self.block:
             return None
         weight = torch.from_numpy(numpy_helper.to_array(init).copy())
-        blocked_weight = block_weight(weight, self.block, depthwise).contiguous()
-        name = f"{prefix}/weight"
-        self.graph.initializer.append(numpy_helper.from_array(
-            blocked_weight.numpy().reshape(weight.shape), name))
+        name = _blocked_initializer(self.graph, init, block_weight(weight, self.block, depthwise),
+                                    f"{prefix}/weight")
         return [helper.make_node("Conv", [blocked, name, *node.input[2:]], [prefix],
                                  domain=NCHWC_DOMAIN, **attrs)], cout
 
@@ -271,7 +309,6 @@ class _BlockedMaps:
         # Channels off whole blocks: the blocked map has padding channels (finite values,
         # zero where an NCHWc conv wrote them), which shapes and per-channel ops would see.
         padded = channels % self.block != 0
-        index = list(graph.node).index(node)
         if node.op_type == "ReorderInput" and node.domain == NCHWC_DOMAIN:
             for reader in self.consumers.get(node.output[0], []):
                 reader.input[:] = [blocked if i == node.output[0] else i for i in reader.input]
@@ -291,9 +328,7 @@ class _BlockedMaps:
                     "Slice", [pooled[0], self.int_constant(f"{prefix}/starts", [0]),
                               self.int_constant(f"{prefix}/ends", [channels]),
                               self.int_constant(f"{prefix}/axes", [1])], [result]))
-            graph.node.remove(node)
-            for offset, new in enumerate(new_nodes):
-                graph.node.insert(index + offset, new)
+            _replace(graph, [node], new_nodes)
             return True
         new_nodes = (self.elementwise_edit(node, plain, blocked, channels, prefix)
                      or self.batch_axis_edit(node, plain, blocked, channels, prefix)
@@ -307,9 +342,7 @@ class _BlockedMaps:
         # The result is blocked too; its readers get it back in NCHW until edited in turn.
         new_nodes.append(helper.make_node("ReorderOutput", [prefix], [result],
                                           domain=NCHWC_DOMAIN, channels=channels))
-        graph.node.remove(node)
-        for offset, new in enumerate(new_nodes):
-            graph.node.insert(index + offset, new)
+        _replace(graph, [node], new_nodes)
         return True
 
 
@@ -380,23 +413,21 @@ def _start_at_nchw_input_convs(graph: object, block: int) -> None:
     b]``), its ReLU/Clip fused, and a ReorderOutput after it that the chain then removes.
     Left to ORT, its own ReorderOutput and our ReorderInput would both stay.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     producers = producers_of(graph)
-    consumers = Counter(name for node in graph.node for name in node.input)
     readers: dict[str, list[object]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    consumers = Counter({name: len(nodes) for name, nodes in readers.items()})
     initializers = {init.name: init for init in graph.initializer}
     for conv in list(graph.node):
-        init = initializers.get(conv.input[1]) if len(conv.input) > 1 else None
-        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or init is None or \
-                init.data_type != TensorProto.FLOAT or len(init.dims) != 4 or \
-                init.data_location == TensorProto.EXTERNAL:
+        static = _static_conv(conv, initializers)
+        if static is None:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        cout, cin, kh, kw = (int(d) for d in init.dims)
+        init, attrs = static
+        cout, cin = int(init.dims[0]), int(init.dims[1])
         if int(attrs.get("group", 1)) != 1 or cin >= block or cout % block:
             continue
         out, dead = conv.output[0], [conv]
@@ -409,18 +440,14 @@ def _start_at_nchw_input_convs(graph: object, block: int) -> None:
                    for r in readers.get(out, [])):
             continue
         prefix = f"{conv.name or conv.output[0]}/nchwc"
-        weight = numpy_helper.to_array(init).reshape(cout // block, block, cin, kh, kw)
-        graph.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(weight.transpose(0, 2, 3, 4, 1)).reshape(cout, cin, kh, kw),
-            f"{prefix}/weight"))
-        index = list(graph.node).index(conv)
-        for node in dead:
-            graph.node.remove(node)
-        graph.node.insert(index, helper.make_node(
-            "Conv", [conv.input[0], f"{prefix}/weight", *conv.input[2:]], [prefix],
-            domain=NCHWC_DOMAIN, **attrs))
-        graph.node.insert(index + 1, helper.make_node("ReorderOutput", [prefix], [out],
-                                                      domain=NCHWC_DOMAIN, channels=cout))
+        weight = torch.from_numpy(numpy_helper.to_array(init).copy())
+        name = _blocked_initializer(graph, init, block_output_channels(weight, block),
+                                    f"{prefix}/weight")
+        _replace(graph, dead, [
+            helper.make_node("Conv", [conv.input[0], name, *conv.input[2:]], [prefix],
+                             domain=NCHWC_DOMAIN, **attrs),
+            helper.make_node("ReorderOutput", [prefix], [out], domain=NCHWC_DOMAIN,
+                             channels=cout)])
 
 
 def _drop_unread_initializers(graph: object) -> None:

@@ -109,17 +109,27 @@ def padded_channels(channels: int, block: int) -> int:
     return -(-channels // block) * block
 
 
+def block_output_channels(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """``[..., C_out, C, k, k]`` -> ``[..., C_out/b, C, k, k, b]`` (ORT's OIHWBo filter layout).
+
+    The layout of depthwise NCHWc convs, and of regular ones that read an NCHW input.
+    """
+    *lead, cout, cin, kh, kw = weight.shape
+    n = len(lead)
+    blocked = weight.reshape(*lead, cout // block, block, cin, kh, kw)
+    return blocked.permute(*range(n), n, n + 2, n + 3, n + 4, n + 1)
+
+
 def block_weight(weight: torch.Tensor, block: int, depthwise: bool) -> torch.Tensor:
     """``[..., C_out, C_in/g, k, k]`` -> the NCHWc filter layout, same leading axes.
 
     Regular convs: ``[C_out/b, C_in/b, k, k, b_in, b_out]`` (ORT's OIHWBiBo); depthwise:
-    ``[C/b, k, k, b]`` (OIHWBo).
+    ``[C/b, k, k, b]`` (OIHWBo, :func:`block_output_channels` without its unit axis).
     """
     *lead, cout, cin_g, kh, kw = weight.shape
     n = len(lead)
     if depthwise:
-        blocked = weight.reshape(*lead, cout // block, block, kh, kw)
-        return blocked.permute(*range(n), n, n + 2, n + 3, n + 1)
+        return block_output_channels(weight, block).squeeze(n + 1)
     blocked = weight.reshape(*lead, cout // block, block, cin_g // block, block, kh, kw)
     return blocked.permute(*range(n), n, n + 2, n + 4, n + 5, n + 3, n + 1)
 
