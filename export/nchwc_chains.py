@@ -105,6 +105,7 @@ class _BlockedMaps:
         self.graph, self.block, self.shapes = graph, block, shapes
         self.producers = producers_of(graph)
         self.initializers = {init.name: init for init in graph.initializer}
+        self.position = {id(node): i for i, node in enumerate(graph.node)}
         self.consumers: dict[str, list[object]] = {}
         for node in graph.node:
             for name in node.input:
@@ -130,10 +131,9 @@ class _BlockedMaps:
 
     def reordered_in(self, name: str, before: object) -> str | None:
         """The blocked copy of ``name`` a ReorderInput made before the node ``before``."""
-        position = {id(n): i for i, n in enumerate(self.graph.node)}
         return next((r.output[0] for r in self.consumers.get(name, [])
                      if r.op_type == "ReorderInput" and r.domain == NCHWC_DOMAIN
-                     and position[id(r)] < position[id(before)]), None)
+                     and self.position[id(r)] < self.position[id(before)]), None)
 
     def reads_only_shape(self, node: object) -> bool:
         """Whether ``node`` reads only its input's shape.
