@@ -47,13 +47,19 @@ def producers_of(graph: object) -> dict[str, object]:
 
 
 def constant_value(graph: object, name: str, producers: dict[str, object]) -> np.ndarray | None:
-    """The value of ``name`` if an initializer or a Constant node holds it, else None."""
+    """The value of ``name`` if an initializer or a Constant node holds it, else None.
+
+    Identity nodes are looked through: the torchscript exporter stores equal constants once
+    and feeds the other uses through an Identity (two zero biases, for one).
+    """
     from onnx import numpy_helper
 
     for init in graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init)
     node = producers.get(name)
+    if node is not None and node.op_type == "Identity":
+        return constant_value(graph, node.input[0], producers)
     if node is not None and node.op_type == "Constant":
         return numpy_helper.to_array(node.attribute[0].t)
     return None

@@ -144,3 +144,24 @@ def test_maps_with_padding_channels_stay_blocked_and_match(tmp_path, batch):
 def test_per_channel_factors_broadcast_in_long_spans():
     assert span_tile(49, 16) == 7 and span_tile(196, 16) == 14 and span_tile(3136, 16) == 16
     assert span_tile(13, 8) == 13 and span_tile(17, 16) == 1  # 17 blocks: no divisor fits
+
+
+def test_a_bias_shared_through_identity_is_still_padded(tmp_path):
+    """A padded conv's bias that the exporter feeds through an Identity is still padded.
+
+    The exporter stores equal constants once and feeds the other uses through Identity
+    nodes: here the folded biases of two padded 1x1 layers with the same BatchNorm.
+    """
+    c = BLOCK + BLOCK // 2
+    torch.manual_seed(0)
+    net = randomize_odconv(PaddedNet(c), seed=4).eval()
+    net.project2[1].load_state_dict(net.project[1].state_dict())
+    result = export_onnx(net, tmp_path / "shared.onnx", strategy="auto", target="onnxruntime",
+                         dynamic_batch=False, input_shape=(1, 3, 20, 20))
+    assert result.details["nchwc_convs"] == 5
+    proto = onnx.load(str(result.path))
+    assert any(n.op_type == "Identity" for n in proto.graph.node)  # the case is exercised
+    x = torch.randn(1, 3, 20, 20)
+    with OnnxRuntimeRunner(result.path) as runner, torch.no_grad():
+        (got,) = runner.infer({result.input_names[0]: x.numpy()}).values()
+        _assert_matches(got, net(x), rtol=1e-5)
