@@ -239,7 +239,11 @@ def _formats_for_precision(text: str, default: str, precision: str, console: Con
 
 @contextlib.contextmanager
 def _quiet(console: Console, folder: str | Path | None) -> Iterator[Path | None]:
-    """Third-party output into ``folder/odconv-deploy.log`` (a temporary log without one)."""
+    """Third-party output into ``folder/odconv-deploy.log``.
+
+    Without a folder the log is a temporary file, which the caller removes when the command
+    passes (a failed one keeps it, and names it).
+    """
     if console.verbose:
         yield None
         return
@@ -249,8 +253,13 @@ def _quiet(console: Console, folder: str | Path | None) -> Iterator[Path | None]
         log = Path(name)
     else:
         log = Path(folder) / LOG_NAME
-    with console.capture(log) as path:
-        yield path
+    try:
+        with console.capture(log) as path:
+            yield path
+    except BaseException:
+        if folder is None and log.exists():
+            console.error(f"odconv-deploy: third-party output of this run: {log}")
+        raise
 
 
 def _check_artifacts_writable(formats: list[object], out: str | Path, stem: str,
@@ -434,6 +443,9 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     failed_exports = [r for r in results if not r.ok]
     ok = (report.passed and not failed_exports and (routing is None or routing.passed)
           and (golden_report is None or golden_report.passed))
+    if ok and log is not None and args.out is None:
+        log.unlink(missing_ok=True)  # a temporary log: a passing run leaves nothing behind
+        log = None
     console.info(f"validation {'PASSED' if ok else 'FAILED'}" + (f" (log: {log})" if log else ""))
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 

@@ -113,3 +113,22 @@ def test_old_spelling_batches_still_works_and_names_the_new_one(tmp_path, capsys
     assert "| onnxruntime onnx (opt full) | 2 |" in captured.out
     assert main(args + ["--batch", "2"]) == 0
     assert "deprecated" not in capsys.readouterr().err
+
+
+def test_validate_without_out_leaves_no_log_when_it_passes_and_names_it_when_it_fails(
+        tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = ["validate", "--model", "od_tinynet", "--formats", "onnx", "--no-routing"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "validation PASSED"
+    assert not list(tmp_path.glob("odconv-deploy-*.log"))
+    # a checkpoint that does not load: an error after the log was opened keeps and names it
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["validate", "--model", "od_tinynet", "--checkpoint", str(bad),
+                 "--formats", "onnx"]) == 3
+    logs = list(tmp_path.glob("odconv-deploy-*.log"))
+    assert len(logs) == 1 and f"third-party output of this run: {logs[0]}" in \
+        capsys.readouterr().err

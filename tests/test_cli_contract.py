@@ -1,6 +1,7 @@
 """The CLI's contract: every command on every zoo model, documented exit codes, no tracebacks,
 and one conversion per distinct per-layer plan in a run."""
 
+import shutil
 import string
 
 import pytest
@@ -120,3 +121,4 @@ def test_generated_command_lines_end_in_documented_exit_codes(tmp_path_factory, 
     captured = capsys.readouterr()
     assert code in DOCUMENTED, (argv, code, captured.err[-2000:])
     assert "Traceback" not in captured.out + captured.err, argv
+    shutil.rmtree(out)  # 40 examples, some exporting a zoo model: keep the disk free
