@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -901,6 +902,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The out-of-space ``OSError`` behind ``exc`` (itself, or what it was raised from)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``odconv-deploy``; returns the exit code (see the module docstring)."""
     try:
@@ -918,7 +931,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.error("odconv-deploy: interrupted")
         return 130
-    except Exception:  # noqa: BLE001 - a bug: say so, with the traceback to report
+    except Exception as exc:  # noqa: BLE001 - a full disk, else a bug: say so, with the traceback
+        full = _disk_full(exc)
+        if full is not None:  # the machine's state, not a bug
+            where = f" writing {full.filename}" if full.filename else ""
+            console.error(f"odconv-deploy: error: the disk is full ({full.strerror}{where}). "
+                          "Outputs are written whole or not at all, so nothing partial was "
+                          "kept. Free some space there, or choose another --out (and TMPDIR), "
+                          "and run again.")
+            return EXIT_USER_ERROR
         console.error("odconv-deploy: internal error (a bug; please report it with this "
                       "output):\n" + traceback.format_exc())
         return EXIT_INTERNAL

@@ -132,3 +132,25 @@ def test_validate_without_out_leaves_no_log_when_it_passes_and_names_it_when_it_
     logs = list(tmp_path.glob("odconv-deploy-*.log"))
     assert len(logs) == 1 and f"third-party output of this run: {logs[0]}" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_full_disk_is_a_user_error_that_keeps_nothing_partial(tmp_path, monkeypatch, capsys,
+                                                               wrapped):
+    import errno
+
+    import odconv_deploy.conversions as conversions
+
+    def save_until_full(obj, path):  # writes part of the file, then the disk is full
+        Path(path).write_bytes(b"partial")
+        full = OSError(errno.ENOSPC, "No space left on device", str(path))
+        if wrapped:  # as a library re-raises it (torch.save: RuntimeError ... write failed)
+            raise RuntimeError("file write failed") from full
+        raise full
+
+    monkeypatch.setattr(conversions.torch, "save", save_until_full)
+    out = tmp_path / "ckpt" / "deploy.pt"
+    assert main(["convert", "--model", "od_tinynet", "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "the disk is full (No space left on device writing " in err and "Traceback" not in err
+    assert [p.name for p in out.parent.iterdir()] == ["odconv-deploy.log"]  # no partial file
